@@ -1,0 +1,224 @@
+"""Datasets and the three splits a run uses: train, meta and test.
+
+- **train**: the training set minus the meta split, with augmentation
+  (random crop and flip for images). The teacher and the student learn on it.
+- **meta**: a held-out slice of the *training* set, ``round(meta_fraction *
+  len(train set))`` samples chosen with a fixed seed, disjoint from train and
+  seen through the evaluation transform (no augmentation). The dean's meta
+  step measures the student on it, so it never trains on these samples.
+- **test**: the official test (or ``val``) set with the evaluation transform;
+  only reported, never used for a decision.
+
+Dataset names (DESIGN.md section 6): ``cifar10`` and ``cifar100``
+(torchvision, files under ``root``), ``imagenet`` and ``folder`` (ImageFolder
+trees ``root/train`` and ``root/val``), ``digits`` (scikit-learn's 8x8 digits,
+offline), ``mnist1d`` (generated offline and cached under ``root``) and
+``fake`` (random images, for smoke tests). Nothing here downloads unless
+``download=True`` is asked for a CIFAR set.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torchvision import datasets, transforms as T
+from torchvision.datasets.vision import StandardTransform
+
+from lis.errors import LISError
+
+NAMES = ("cifar10", "cifar100", "imagenet", "folder", "digits", "mnist1d", "fake")
+
+# Per-channel mean and std of the training images, in [0, 1] pixel units.
+_CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclass
+class Splits:
+    """The three datasets of a run; every sample is ``(input, label)``."""
+
+    train: Dataset
+    meta: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]  #: per-sample input shape, e.g. (1, 40) or (3, 32, 32)
+
+
+@dataclass
+class Loaders:
+    train: DataLoader  #: shuffled, seeded
+    meta: DataLoader  #: shuffled, seeded
+    test: DataLoader  #: fixed order
+
+
+def build_splits(name: str, root: str, *, download: bool = False, meta_fraction: float = 0.1, seed: int = 0,
+                 image_size: int = 32, num_classes: int = 10, fake_size: int = 512) -> Splits:
+    """Build the train / meta / test splits of dataset ``name`` stored under ``root``.
+
+    ``meta_fraction`` is a fraction (not percent) of the training set, carved
+    out with ``seed``. ``image_size`` (pixels) applies to ``imagenet``,
+    ``folder`` and ``fake``; ``num_classes`` and ``fake_size`` (training
+    samples; the test set has a quarter) only to ``fake``.
+    """
+    if name in _CIFAR_STATS:
+        train_aug, train_eval, test, n_classes = _cifar(name, root, download)
+    elif name in ("imagenet", "folder"):
+        train_aug, train_eval, test, n_classes = _image_folder(name, root, image_size)
+    elif name == "digits":
+        train_aug, test = _digits()
+        train_eval, n_classes = train_aug, 10
+    elif name == "mnist1d":
+        train_aug, test = _mnist1d(root)
+        train_eval, n_classes = train_aug, 10
+    elif name == "fake":
+        train_aug, test = _fake(image_size, num_classes, fake_size)
+        train_eval, n_classes = train_aug, num_classes
+    else:
+        raise LISError(f"unknown dataset {name!r}: set data.name to one of {', '.join(NAMES)}")
+
+    train_idx, meta_idx = meta_split(len(train_aug), meta_fraction, seed)
+    return Splits(train=Subset(train_aug, train_idx), meta=Subset(train_eval, meta_idx), test=test,
+                  num_classes=n_classes, input_shape=tuple(test[0][0].shape))
+
+
+def meta_split(n: int, meta_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices ``0..n-1`` into (train, meta): ``round(meta_fraction * n)`` meta indices drawn with ``seed``.
+
+    Both lists are sorted and together cover every index exactly once.
+    """
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_meta = round(meta_fraction * n)
+    return sorted(perm[n_meta:]), sorted(perm[:n_meta])
+
+
+def make_loaders(splits: Splits, batch_size: int, num_workers: int = 0, seed: int = 0) -> Loaders:
+    """DataLoaders over ``splits``; the same ``seed`` gives the same train and meta order."""
+    def loader(ds: Dataset, shuffle: bool) -> DataLoader:
+        # A RandomSampler refuses an empty dataset (meta_fraction=0), and it has nothing to shuffle anyway.
+        shuffle = shuffle and len(ds) > 0
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                          generator=torch.Generator().manual_seed(seed) if shuffle else None)
+
+    return Loaders(train=loader(splits.train, True), meta=loader(splits.meta, True),
+                   test=loader(splits.test, False))
+
+
+def _with_transform(ds: datasets.VisionDataset, transform) -> datasets.VisionDataset:
+    """The same dataset seen through another transform (shares the loaded data / file list)."""
+    ds = copy.copy(ds)
+    ds.transform = transform
+    ds.transforms = StandardTransform(transform, ds.target_transform)
+    return ds
+
+
+def _cifar(name: str, root: str, download: bool):
+    mean, std = _CIFAR_STATS[name]
+    train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    eval_tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    folder = os.path.join(root, cls.base_folder)
+    how = (f"extract {cls.filename} (the python version) into {root} so that {folder}/ holds "
+           f"{', '.join(f for f, _ in cls.train_list + cls.test_list)}, {cls.meta['filename']}")
+    try:
+        train = cls(root, train=True, transform=train_tf, download=download)
+        test = cls(root, train=False, transform=eval_tf)
+    except RuntimeError as e:
+        if "not found or corrupted" not in str(e):
+            raise
+        hint = how if download else f"{how}, or set data.download=true"
+        raise LISError(f"{name} not found or corrupted in {folder}: {hint}") from None
+    except OSError as e:  # no network: urllib's URLError is an OSError
+        raise LISError(f"downloading {name} failed ({e}): fetch the archive elsewhere and {how}") from None
+    return train, _with_transform(train, eval_tf), test, len(train.classes)
+
+
+def _image_folder(name: str, root: str, image_size: int):
+    mean, std = _IMAGENET_STATS
+    train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                          T.Normalize(mean, std)])
+    eval_tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(),
+                         T.Normalize(mean, std)])
+    layout = f"{root}/train/<class>/<image> and {root}/val/<class>/<image>"
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise LISError(f"{name} dataset: folder {os.path.join(root, split)} is missing; "
+                           f"expected the layout {layout} (set data.root)")
+    try:
+        train = datasets.ImageFolder(os.path.join(root, "train"), transform=train_tf)
+        test = datasets.ImageFolder(os.path.join(root, "val"), transform=eval_tf)
+    except FileNotFoundError as e:  # no class folders, or no images in them
+        raise LISError(f"{name} dataset: {str(e).rstrip('.')}; expected the layout {layout}") from None
+    if test.classes != train.classes:
+        # ImageFolder numbers classes by sorted folder name, so labels would silently disagree.
+        raise LISError(f"{name} dataset: {root}/val has classes {test.classes[:5]}... but {root}/train has "
+                       f"{train.classes[:5]}...; give both the same class folders")
+    return train, _with_transform(train, eval_tf), test, len(train.classes)
+
+
+def _digits():
+    """scikit-learn's 8x8 digits: a fixed stratified 80/20 split, standardised with the train mean/std."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.images.reshape(-1, 1, 8, 8) / 16.0
+    # The split is part of the dataset's definition, so it ignores the run seed.
+    x_train, x_test, y_train, y_test = train_test_split(x, digits.target, test_size=0.2, random_state=0,
+                                                        stratify=digits.target)
+    mean, std = x_train.mean(), x_train.std()
+    return _tensor_dataset((x_train - mean) / std, y_train), _tensor_dataset((x_test - mean) / std, y_test)
+
+
+def _mnist1d(root: str):
+    """MNIST-1D with the package's default arguments (4000 train / 1000 test), cached in root/mnist1d/mnist1d.npz."""
+    path = os.path.join(root, "mnist1d", "mnist1d.npz")
+    if not os.path.exists(path):
+        _generate_mnist1d(path)
+    with np.load(path) as f:
+        return _tensor_dataset(f["x"][:, None, :], f["y"]), _tensor_dataset(f["x_test"][:, None, :], f["y_test"])
+
+
+def _generate_mnist1d(path: str) -> None:
+    import mnist1d.data  # imports matplotlib: only pay for it when generating
+
+    # make_dataset reseeds python's and numpy's global RNGs; the caller's streams must not change.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        d = mnist1d.data.make_dataset(mnist1d.data.get_dataset_args())
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Write then rename, so an interrupted run never leaves a half-written cache behind.
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, x=d["x"], y=d["y"], x_test=d["x_test"], y_test=d["y_test"])
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _fake(image_size: int, num_classes: int, fake_size: int):
+    tf = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    shape = (3, image_size, image_size)
+    train = datasets.FakeData(size=fake_size, image_size=shape, num_classes=num_classes, transform=tf)
+    # FakeData seeds image i with i + random_offset: this offset keeps test images apart from train ones.
+    test = datasets.FakeData(size=max(fake_size // 4, 1), image_size=shape, num_classes=num_classes, transform=tf,
+                             random_offset=fake_size)
+    return train, test
+
+
+def _tensor_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+    return TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64))
