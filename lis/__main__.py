@@ -1,0 +1,5 @@
+import sys
+
+from lis.cli import main
+
+sys.exit(main())

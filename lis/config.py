@@ -1,0 +1,323 @@
+"""Typed run configuration: YAML -> OmegaConf structured config -> dataclasses.
+
+Section and key names follow ``shared/DESIGN.md`` section 7. A config file
+names only what differs from the defaults below; every field can be
+overridden on the command line as ``section.key=value``. ``load_config``
+rejects unknown keys (suggesting the closest), wrong types and out-of-range
+values with one ``ConfigError`` line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from lis.errors import LISError
+
+
+class ConfigError(LISError):
+    """A config file or override that cannot be used as given."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  #: run directory name under ``dir``
+    dir: str = "runs"  #: parent folder of run directories (and of the teacher cache)
+    seed: int = 0  #: seeds python, numpy and torch; also the meta split
+    device: str = "auto"  #: ``auto`` (cuda when present), ``cpu``, ``cuda``, ``cuda:N``
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist1d"  #: cifar10 | cifar100 | imagenet | folder | digits | mnist1d | fake
+    root: str = "data"  #: where datasets live (and where mnist1d is cached)
+    download: bool = False  #: let torchvision download CIFAR (needs network)
+    batch_size: int = 128  #: training batch size (also used for evaluation and latency)
+    num_workers: int = 0  #: DataLoader worker processes
+    meta_fraction: float = 0.1  #: fraction of train held out as the meta split, in [0, 1)
+    image_size: int = 32  #: input side in pixels for fake / imagenet / folder data
+    num_classes: int = 10  #: classes of the ``fake`` dataset (others know their own)
+    fake_size: int = 512  #: training samples of the ``fake`` dataset (test: a quarter)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mnist1d_cnn"  #: teacher architecture, see ``lis.models.names()``
+
+
+@dataclass
+class TeacherConfig:
+    checkpoint: Optional[str] = None  #: use this trained teacher instead of training one
+    epochs: int = 30
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5.0e-4
+    schedule: str = "cosine"  #: cosine | step (x0.1 at 50% and 75% of the epochs)
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class StudentConfig:
+    model: Optional[str] = None  #: null: a copy of the teacher (the LIS setting)
+
+
+@dataclass
+class KDPConfig:
+    epochs: int = 30
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5.0e-4
+    temperature: float = 4.0  #: Hinton temperature tau of the logit distillation
+    feature_layers: str = "all"  #: all | none: which channel groups get a feature-distillation term
+
+
+@dataclass
+class ADMMConfig:
+    interval: int = 50  #: iterations between Z/U updates
+
+
+@dataclass
+class PruneConfig:
+    target_macs_reduction: Optional[float] = 0.75  #: 1 - MACs(student)/MACs(teacher), in (0, 1)
+    target_params_reduction: Optional[float] = None  #: alternative budget; set the other to null
+    min_keep_ratio: float = 0.1  #: every channel group keeps at least this fraction of channels
+
+
+@dataclass
+class PolicyConfig:
+    name: str = "dean"  #: dean | fixed | prune_only | ...
+    alpha: float = 1.0  #: fixed a_l: per-layer feature-distillation weight
+    alpha_out: float = 1.0  #: fixed a_out: logit-distillation weight
+    rho: float = 1.0e-3  #: fixed r_l: ADMM penalty weight
+    dean_checkpoint: Optional[str] = None  #: start the dean from a trained one
+
+
+@dataclass
+class SignalsConfig:
+    interval: int = 10  #: iterations between measurements of distillability
+    ema: float = 0.9  #: smoothing of the signals between measurements, in [0, 1)
+
+
+@dataclass
+class MetaConfig:
+    interval: int = 20  #: iterations between meta steps of the dean
+    unroll: int = 1  #: differentiable student steps per meta step
+    beta: float = 1.0  #: weight of the sparse-structure term of the meta objective
+    lr: float = 1.0e-3  #: Adam learning rate of the dean
+    backend: str = "higher"  #: higher | func
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 10
+    lr: float = 0.01
+
+
+@dataclass
+class TrackingConfig:
+    wandb: str = "offline"  #: disabled | offline | online
+    project: str = "lis"
+
+
+@dataclass
+class CheckpointConfig:
+    every_iters: int = 0  #: also checkpoint every N iterations (0: only at epoch ends)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    kdp: KDPConfig = field(default_factory=KDPConfig)
+    admm: ADMMConfig = field(default_factory=ADMMConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    signals: SignalsConfig = field(default_factory=SignalsConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+CHOICES = {
+    "data.name": ("cifar10", "cifar100", "imagenet", "folder", "digits", "mnist1d", "fake"),
+    "teacher.schedule": ("cosine", "step"),
+    "kdp.feature_layers": ("all", "none"),
+    "meta.backend": ("higher", "func"),
+    "tracking.wandb": ("disabled", "offline", "online"),
+}
+
+# (key, test, what the value must be)
+RANGES = [
+    ("data.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("data.num_workers", lambda v: v >= 0, "an integer >= 0"),
+    ("data.meta_fraction", lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)"),
+    ("data.image_size", lambda v: v >= 8, "an integer >= 8"),
+    ("data.num_classes", lambda v: v >= 2, "an integer >= 2"),
+    ("data.fake_size", lambda v: v >= 4, "an integer >= 4"),
+    ("teacher.epochs", lambda v: v >= 0, "an integer >= 0"),
+    ("teacher.lr", lambda v: v > 0, "a positive number"),
+    ("teacher.momentum", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("teacher.weight_decay", lambda v: v >= 0, "a number >= 0"),
+    ("teacher.label_smoothing", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("kdp.epochs", lambda v: v >= 0, "an integer >= 0"),
+    ("kdp.lr", lambda v: v > 0, "a positive number"),
+    ("kdp.momentum", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("kdp.weight_decay", lambda v: v >= 0, "a number >= 0"),
+    ("kdp.temperature", lambda v: v > 0, "a positive number"),
+    ("admm.interval", lambda v: v >= 1, "an integer >= 1"),
+    ("prune.target_macs_reduction", lambda v: v is None or 0.0 < v < 1.0, "a fraction in (0, 1) or null"),
+    ("prune.target_params_reduction", lambda v: v is None or 0.0 < v < 1.0, "a fraction in (0, 1) or null"),
+    ("prune.min_keep_ratio", lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]"),
+    ("policy.alpha", lambda v: v >= 0, "a number >= 0"),
+    ("policy.alpha_out", lambda v: v >= 0, "a number >= 0"),
+    ("policy.rho", lambda v: v >= 0, "a number >= 0"),
+    ("signals.interval", lambda v: v >= 1, "an integer >= 1"),
+    ("signals.ema", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("meta.interval", lambda v: v >= 1, "an integer >= 1"),
+    ("meta.unroll", lambda v: v >= 1, "an integer >= 1"),
+    ("meta.beta", lambda v: v >= 0, "a number >= 0"),
+    ("meta.lr", lambda v: v > 0, "a positive number"),
+    ("finetune.epochs", lambda v: v >= 0, "an integer >= 0"),
+    ("finetune.lr", lambda v: v > 0, "a positive number"),
+    ("checkpoint.every_iters", lambda v: v >= 0, "an integer >= 0"),
+]
+
+
+def all_keys() -> list[str]:
+    """Every ``section.key`` a config may set."""
+    return [
+        f"{s.name}.{k.name}"
+        for s in dataclasses.fields(Config)
+        for k in dataclasses.fields(s.default_factory())
+    ]
+
+
+def _closest(key: str) -> str:
+    match = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else " (see the config reference in README.md)"
+
+
+def _type_name(key: str) -> str:
+    """'an integer', 'a number', ... for the field ``section.key``."""
+    section, name = key.split(".")
+    hint = typing.get_type_hints(typing.get_type_hints(Config)[section])[name]
+    optional = type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return words.get(base, str(base)) + (" or null" if optional else "")
+
+
+def _get(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: give the path of a YAML file (see experiments/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where} is not valid YAML ({getattr(e, 'problem', e)}): fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) or v is None for v in data.values()):
+        raise ConfigError(f"{path} must map sections to key: value blocks, e.g. 'kdp: {{epochs: 5}}'")
+    return data
+
+
+def _check_keys(data: dict, origin: str) -> None:
+    sections = {f.name for f in dataclasses.fields(Config)}
+    known = set(all_keys())
+    for section, values in data.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section '{section}' in {origin}{_closest(str(section) + '.x')}")
+        for key in values or {}:
+            full = f"{section}.{key}"
+            if full not in known:
+                raise ConfigError(f"unknown config key '{full}' in {origin}{_closest(full)}")
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. kdp.epochs=5)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key not in set(all_keys()):
+        raise ConfigError(f"unknown config key '{key}' in override '{text}'{_closest(key)}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def validate(cfg: Config) -> None:
+    """Raise ``ConfigError`` naming the first key whose value is out of range."""
+    for key, choices in CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(choices)}: pick one of them")
+    for key, ok, what in RANGES:
+        value = _get(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}={value} is out of range: it must be {what}")
+    if (cfg.prune.target_macs_reduction is None) == (cfg.prune.target_params_reduction is None):
+        raise ConfigError(
+            "set exactly one pruning budget: prune.target_macs_reduction or prune.target_params_reduction "
+            "(set the other to null)"
+        )
+    if cfg.run.name in ("", ".", "..") or "/" in cfg.run.name:
+        raise ConfigError(f"run.name={cfg.run.name!r} must be a plain folder name, without '/'")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- ``section.key=value`` overrides, validated."""
+    schema = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        data = _read_yaml(Path(path))
+        _check_keys(data, str(path))
+        layers.append(OmegaConf.create({k: v or {} for k, v in data.items()}))
+    dotlist = {}
+    for text in overrides:
+        key, value = _parse_override(text)
+        dotlist[key] = value
+    if dotlist:
+        nested: dict = {}
+        for key, value in dotlist.items():
+            section, name = key.split(".")
+            nested.setdefault(section, {})[name] = value
+        layers.append(OmegaConf.create(nested))
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        cfg = OmegaConf.to_object(merged)
+    except ValidationError as e:
+        key = e.full_key or "?"
+        raise ConfigError(f"{key}={e.value!r} has the wrong type: it must be {_type_name(key)}") from None
+    except (ConfigKeyError, OmegaConfBaseException) as e:
+        raise ConfigError(f"invalid config: {str(e).splitlines()[0]}") from None
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """The fully resolved config as YAML (what ``config.yaml`` of a run holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,95 @@
+"""Teachers: train, save, load, and cache them by what determines them.
+
+A teacher depends on the data, the architecture, its own training section and
+the seed; ``teacher_key`` hashes exactly those, so a compress or compare run
+with the same sections reuses ``<run.dir>/teachers/<key>.pt`` instead of
+training again. ``teacher.checkpoint`` points at an existing teacher instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from lis import models
+from lis.config import Config
+from lis.data import Loaders, Splits
+from lis.errors import LISError
+from lis.run import atomic_save, seed_everything
+from lis.train import evaluate, fit
+
+# Data fields that do not change which samples a teacher sees or how.
+_DATA_IRRELEVANT = ("root", "download", "num_workers")
+
+
+def teacher_key(cfg: Config) -> str:
+    """A short hash of the config sections that determine the trained teacher."""
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _DATA_IRRELEVANT}
+    teacher = {k: v for k, v in dataclasses.asdict(cfg.teacher).items() if k != "checkpoint"}
+    blob = json.dumps({"data": data, "model": cfg.model.name, "teacher": teacher, "seed": cfg.run.seed},
+                      sort_keys=True)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return f"{cfg.model.name.replace(':', '-')}-{cfg.data.name}-{digest}"
+
+
+def save_teacher(path: Path, model: nn.Module, model_name: str, num_classes: int, test_acc: float) -> None:
+    atomic_save({"model": model_name, "num_classes": num_classes, "state_dict": model.state_dict(),
+                 "test_acc": test_acc}, path)
+
+
+def load_teacher(path: str | Path, model_name: str, num_classes: int) -> tuple[nn.Module, float]:
+    """Load a teacher saved by ``save_teacher``; refuse one of another architecture or class count."""
+    path = Path(path)
+    if not path.is_file():
+        raise LISError(f"teacher checkpoint {path} does not exist: fix teacher.checkpoint or set it to null")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt["model"], ckpt["num_classes"], ckpt["state_dict"]
+    except Exception as e:
+        raise LISError(f"teacher checkpoint {path} is truncated or not a LIS teacher ({type(e).__name__}): "
+                       f"retrain it with 'lis train-teacher' or point teacher.checkpoint elsewhere") from None
+    if ckpt["model"] != model_name or ckpt["num_classes"] != num_classes:
+        raise LISError(f"teacher checkpoint {path} is a {ckpt['model']} with {ckpt['num_classes']} classes, "
+                       f"but the config asks for {model_name} with {num_classes}: fix model.name or "
+                       f"teacher.checkpoint")
+    model = models.create(model_name, num_classes)
+    model.load_state_dict(ckpt["state_dict"])
+    return model, float(ckpt.get("test_acc", float("nan")))
+
+
+def train_teacher(cfg: Config, splits: Splits, loaders: Loaders, device: torch.device,
+                  log: Optional[Callable[[dict], None]] = None) -> tuple[nn.Module, float]:
+    """Train a fresh teacher from the ``teacher`` section; returns it and its test accuracy."""
+    seed_everything(cfg.run.seed)
+    model = models.create(cfg.model.name, splits.num_classes).to(device)
+    t = cfg.teacher
+    metrics = fit(model, loaders.train, loaders.test, device, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
+                  weight_decay=t.weight_decay, schedule=t.schedule, label_smoothing=t.label_smoothing,
+                  log=log, desc="teacher")
+    return model, metrics["acc"]
+
+
+def get_teacher(cfg: Config, splits: Splits, loaders: Loaders, device: torch.device,
+                log: Optional[Callable[[dict], None]] = None) -> tuple[nn.Module, float, Path]:
+    """The teacher for ``cfg``: from ``teacher.checkpoint``, else the cache, else trained and cached.
+
+    Returns the model (on ``device``, eval mode), its test accuracy and the checkpoint path.
+    """
+    if cfg.teacher.checkpoint is not None:
+        path = Path(cfg.teacher.checkpoint)
+        model, _ = load_teacher(path, cfg.model.name, splits.num_classes)
+        acc = evaluate(model.to(device), loaders.test, device)["acc"]
+    else:
+        path = Path(cfg.run.dir) / "teachers" / f"{teacher_key(cfg)}.pt"
+        if path.is_file():
+            model, acc = load_teacher(path, cfg.model.name, splits.num_classes)
+        else:
+            model, acc = train_teacher(cfg, splits, loaders, device, log)
+            save_teacher(path, model, cfg.model.name, splits.num_classes, acc)
+    return model.to(device).eval(), acc, path

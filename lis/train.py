@@ -1,0 +1,83 @@
+"""Plain supervised training and evaluation, shared by the teacher and the baselines.
+
+The KDP loop of the student lives in ``lis/school.py``; this is the ordinary
+SGD loop it is compared against: momentum SGD, weight decay, a cosine or step
+schedule stepped once per epoch, evaluation on the test split every epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lis.run import progress
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict:
+    """Top-1 accuracy (a fraction in [0, 1]) and mean cross-entropy over ``loader``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += y.numel()
+    model.train(was_training)
+    return {"acc": correct / max(n, 1), "loss": loss / max(n, 1)}
+
+
+def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def scheduler(opt: torch.optim.Optimizer, schedule: str, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule: ``cosine`` to zero, or ``step`` (x0.1 at 50% and 75% of the epochs)."""
+    if schedule == "step":
+        milestones = [max(1, epochs // 2), max(1, (3 * epochs) // 4)]
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    test_loader: DataLoader,
+    device: torch.device,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    schedule: str = "cosine",
+    label_smoothing: float = 0.0,
+    log: Optional[Callable[[dict], None]] = None,
+    desc: str = "train",
+) -> dict:
+    """Train ``model`` with cross-entropy; returns the last epoch's test metrics."""
+    opt = sgd(model, lr, momentum, weight_decay)
+    sched = scheduler(opt, schedule, epochs)
+    metrics = evaluate(model, test_loader, device) if epochs == 0 else {}
+    for epoch in progress(range(epochs), desc=desc):
+        model.train()
+        total, n = 0.0, 0
+        for x, y in train_loader:
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * y.numel()
+            n += y.numel()
+        sched.step()
+        metrics = evaluate(model, test_loader, device)
+        if log is not None:
+            log({"phase": desc, "epoch": epoch + 1, "train_loss": total / max(n, 1),
+                 "test_loss": metrics["loss"], "test_acc": metrics["acc"]})
+    return metrics
