@@ -82,10 +82,21 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, ignored: Sequence
 
 
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph of ``model``, traced in eval mode; train/eval flags are restored."""
-    with _eval_mode(model), torch.enable_grad():
-        # a tuple, because Torch-Pruning would unpack a bare tensor along the batch dimension
-        return tp.DependencyGraph().build_dependency(model, (example_input,), verbose=False)
+    """Torch-Pruning's dependency graph of ``model``, traced in eval mode.
+
+    Train/eval flags and ``requires_grad`` flags are restored afterwards: the
+    trace follows autograd, so a frozen model (a teacher) is unfrozen for it.
+    """
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with _eval_mode(model), torch.enable_grad():
+            # a tuple, because Torch-Pruning would unpack a bare tensor along the batch dimension
+            return tp.DependencyGraph().build_dependency(model, (example_input,), verbose=False)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def _channel_group(dg: tp.DependencyGraph, tp_group, names: dict[nn.Module, str],

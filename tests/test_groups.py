@@ -199,3 +199,12 @@ def test_cost_model_with_flatten_and_concat(model_cls, shape):
     groups = find_groups(model, x)
     check_cost_model(model, x, groups, seed=2)
     assert CostModel(model, groups, x).macs({groups[0].name: 1}) < flop_macs(model, x)
+
+
+def test_a_frozen_model_has_the_same_groups_and_stays_frozen():
+    model = lis.models.create("mnist1d_cnn", 10)
+    example = torch.zeros(2, 1, 40)
+    live = find_groups(model, example)
+    model.requires_grad_(False)
+    assert find_groups(model, example) == live
+    assert not any(p.requires_grad for p in model.parameters())
