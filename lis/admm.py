@@ -1,0 +1,180 @@
+"""ADMM state of the KDP step: the sparse copy Z, the scaled dual U, and the keep budget.
+
+For every channel group l (see ``lis.groups``) with weights W_l (the group's
+out-channel slices, one row per channel):
+
+    Z-step:  Z_l = Proj_{S_l}(W_l + U_l)   keep the k_l rows of largest L2 norm, zero the rest
+    U-step:  U_l = U_l + W_l - Z_l
+    penalty: sum_l (r_l / 2) * ||W_l - Z_l + U_l||^2
+
+``ADMMState.project()`` and ``update_duals()`` are called by the loop every
+``admm.interval`` iterations; ``penalty_grad_()`` adds the penalty's gradient
+to ``.grad`` (it is analytic, so the loop needs no extra backward for it) and
+``penalty()`` gives the differentiable penalty for the meta step.
+
+The k_l come from one global budget (``plan_keep``): all channels are ranked
+by their norm divided by the largest norm of their group, and the lowest are
+given up until the cost model says the target reduction of MACs (or
+parameters) is met, never going below ``min_keep_ratio`` of a group.
+Groups whose channels shrink fastest (high sparsability) thus give up more.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from lis.errors import LISError
+from lis.groups import ChannelGroup, CostModel, group_tensors
+
+
+def rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """View ``t`` as (channels, rest) with the channel dimension first."""
+    return t.movedim(dim, 0).reshape(t.shape[dim], -1)
+
+
+def group_rows(params: Mapping[str, torch.Tensor], group: ChannelGroup) -> torch.Tensor:
+    """W_l as one (channels, D) matrix: every out-slice of channel c in row c (differentiable).
+
+    ``params`` maps parameter names to tensors: ``dict(model.named_parameters())``
+    or the fast weights of a meta step.
+    """
+    return torch.cat([rows(params[name], dim) for name, dim in group.out_slices], dim=1)
+
+
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(model.named_parameters())
+
+
+def project_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean projection onto 'at most k non-zero rows': (projected x, kept-row mask).
+
+    Ties are broken by the lower row index so the result is deterministic.
+    """
+    norms = x.norm(dim=1)
+    order = torch.argsort(-norms, stable=True)
+    keep = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    keep[order[:k]] = True
+    return x * keep.unsqueeze(1), keep
+
+
+def plan_keep(
+    norms: dict[str, torch.Tensor],
+    cost: Callable[[dict[str, int]], int],
+    target_reduction: float,
+    min_keep_ratio: float,
+) -> dict[str, int]:
+    """Channels to keep per group so that ``cost(keep) <= (1 - target_reduction) * cost(all)``.
+
+    ``norms[g]`` are group g's channel norms; channels are given up in the
+    global order of norm / max norm of their group, lowest first, skipping
+    groups at their floor ceil(min_keep_ratio * n_g) (at least 1). ``cost``
+    must not increase when channels are removed; the least removal that meets
+    the budget is found by bisection. Raises ``LISError`` when even every
+    group at its floor misses the budget.
+    """
+    full = {g: len(n) for g, n in norms.items()}
+    floor = {g: max(1, math.ceil(min_keep_ratio * n)) for g, n in full.items()}
+    budget = (1.0 - target_reduction) * cost(full)
+    entries = []
+    for g, n in norms.items():
+        scaled = (n / n.max().clamp_min(1e-12)).tolist()
+        # a group gives up its weakest channels first: only those above its floor are candidates
+        entries += [(s, g) for s in sorted(scaled)[: full[g] - floor[g]]]
+    entries.sort(key=lambda e: e[0])
+
+    def keep_after(m: int) -> dict[str, int]:
+        keep = dict(full)
+        for _, g in entries[:m]:
+            keep[g] -= 1
+        return keep
+
+    if cost(keep_after(len(entries))) > budget:
+        raise LISError(
+            f"the pruning budget cannot be met: with prune.min_keep_ratio={min_keep_ratio} the model keeps "
+            f"{1 - cost(keep_after(len(entries))) / cost(full):.1%} reduction at most, below the target "
+            f"{target_reduction:.1%}; lower prune.min_keep_ratio or the target"
+        )
+    lo, hi = 0, len(entries)  # invariant: keep_after(hi) meets the budget
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost(keep_after(mid)) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return keep_after(hi)
+
+
+class ADMMState:
+    """Z and U of every channel group, and the current keep counts k_l."""
+
+    def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup], cost: CostModel,
+                 target_reduction: float, budget: str = "macs", min_keep_ratio: float = 0.1):
+        self.groups = list(groups)
+        self.cost = cost.macs if budget == "macs" else cost.params
+        self.target_reduction = target_reduction
+        self.min_keep_ratio = min_keep_ratio
+        with torch.no_grad():
+            w = {g.name: group_rows(_params(model), g) for g in self.groups}
+        self.U = {name: torch.zeros_like(x) for name, x in w.items()}
+        self.Z: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, torch.Tensor] = {}
+        self.keep: dict[str, int] = {}
+        self.project(model)
+
+    @torch.no_grad()
+    def project(self, model: nn.Module) -> None:
+        """Z-step: re-plan k_l from the current norms of W + U, then Z = Proj(W + U)."""
+        params = _params(model)
+        v = {g.name: group_rows(params, g) + self.U[g.name] for g in self.groups}
+        self.keep = plan_keep({n: x.norm(dim=1) for n, x in v.items()}, self.cost,
+                              self.target_reduction, self.min_keep_ratio)
+        for name, x in v.items():
+            self.Z[name], self.masks[name] = project_rows(x, self.keep[name])
+
+    @torch.no_grad()
+    def update_duals(self, model: nn.Module) -> None:
+        """U-step: U = U + W - Z."""
+        params = _params(model)
+        for g in self.groups:
+            self.U[g.name] += group_rows(params, g) - self.Z[g.name]
+
+    def penalty(self, params: Mapping[str, torch.Tensor], rho: torch.Tensor) -> torch.Tensor:
+        """sum_l (rho_l / 2) ||W_l - Z_l + U_l||^2, differentiable in W and rho (``params``: name -> tensor)."""
+        terms = [(group_rows(params, g) - self.Z[g.name] + self.U[g.name]).pow(2).sum() for g in self.groups]
+        return (rho * torch.stack(terms)).sum() / 2
+
+    @torch.no_grad()
+    def penalty_grad_(self, model: nn.Module, rho: torch.Tensor) -> None:
+        """Add d penalty / dW = rho_l (W_l - Z_l + U_l) to the ``.grad`` of every group tensor."""
+        for r, g in zip(rho.tolist(), self.groups):
+            offset = 0
+            diff = self.Z[g.name] - self.U[g.name]  # W - (Z - U), sliced per tensor below
+            for t, d in group_tensors(model, g):
+                width = rows(t, d).shape[1]
+                step = r * (rows(t, d) - diff[:, offset:offset + width])
+                step = step.reshape(t.movedim(d, 0).shape).movedim(0, d)
+                t.grad = step if t.grad is None else t.grad.add_(step)
+                offset += width
+
+    @torch.no_grad()
+    def gap(self, model: nn.Module) -> torch.Tensor:
+        """Per-group ADMM gap ||W_l - Z_l|| / ||W_l|| (0: W already has the sparse structure)."""
+        out, params = [], _params(model)
+        for g in self.groups:
+            w = group_rows(params, g)
+            out.append((w - self.Z[g.name]).norm() / w.norm().clamp_min(1e-12))
+        return torch.stack(out)
+
+    def keep_ratio(self) -> torch.Tensor:
+        """Per-group target keep ratio k_l / n_l."""
+        return torch.tensor([self.keep[g.name] / g.num_channels for g in self.groups])
+
+    def state_dict(self) -> dict:
+        return {"Z": self.Z, "U": self.U, "masks": self.masks, "keep": self.keep}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.Z, self.U, self.masks, self.keep = state["Z"], state["U"], state["masks"], state["keep"]

@@ -1,0 +1,125 @@
+"""The losses of the KDP objective: cross-entropy, logit and feature distillation.
+
+    CE(W) + a_out * KD_logit(W) + sum_l a_l * KD_feat_l(W)
+
+- ``kd_logit``: Hinton's KL(teacher || student) at temperature tau, times
+  tau^2 so its gradient scale does not depend on tau; mean over the batch.
+- ``kd_feat``: per-sample L2-normalised feature maps, squared distance summed
+  over features and averaged over the batch (so each term lies in [0, 4]).
+  Maps of different spatial size are average-pooled to the smaller one.
+- Feature maps are captured with forward hooks (``FeatureHooks``) on the
+  root module of each channel group (its first conv/linear, before BN), and a
+  student map whose width differs from the teacher's goes through a 1x1
+  ``Adapters`` convolution first.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def kd_logit(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """tau^2 * KL(softmax(t / tau) || softmax(s / tau)), averaged over the batch."""
+    t = temperature
+    log_p_s = F.log_softmax(student_logits / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits / t, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * t * t
+
+
+def _match_spatial(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if a.shape[2:] == b.shape[2:]:
+        return a, b
+    size = [min(x, y) for x, y in zip(a.shape[2:], b.shape[2:])]
+    pool = F.adaptive_avg_pool1d if a.dim() == 3 else F.adaptive_avg_pool2d
+    return pool(a, size), pool(b, size)
+
+
+def kd_feat(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of ||s/||s|| - t/||t||||^2, each map flattened per sample."""
+    s, t = _match_spatial(student_map, teacher_map)
+    s = F.normalize(s.flatten(1), dim=1)
+    t = F.normalize(t.flatten(1), dim=1)
+    return (s - t).pow(2).sum(1).mean()
+
+
+class FeatureHooks:
+    """Context manager recording the outputs of named modules on every forward.
+
+    ``with FeatureHooks(model, names) as feats: model(x)`` leaves the maps in
+    ``feats.maps[name]`` (kept in the autograd graph).
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        modules = dict(model.named_modules())
+        self.maps: dict[str, torch.Tensor] = {}
+        self._handles = [modules[n].register_forward_hook(self._saver(n)) for n in names]
+
+    def _saver(self, name: str):
+        def hook(_module, _inputs, output):
+            self.maps[name] = output
+        return hook
+
+    def __enter__(self) -> "FeatureHooks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def pair_layers(student_names: Sequence[str], teacher_names: Sequence[str]) -> list[tuple[str, str]]:
+    """Pair each student group with the teacher group at the same relative depth.
+
+    With identical architectures (the LIS setting) this is the identity pairing.
+    """
+    ns, nt = len(student_names), len(teacher_names)
+    if ns == 0 or nt == 0:
+        return []
+    return [(s, teacher_names[round(i * (nt - 1) / max(ns - 1, 1))]) for i, s in enumerate(student_names)]
+
+
+class Adapters(nn.Module):
+    """1x1 convolutions mapping student feature widths to the teacher's, one per layer pair.
+
+    ``init_index[name]``, when given, initialises the adapter of a pruned
+    student as the selection of the teacher channels it kept (student
+    channel j -> teacher channel index[j]); otherwise adapters start random.
+    Pairs of equal width with no index get no adapter (identity).
+    """
+
+    def __init__(self, student_widths: dict[str, int], teacher_widths: dict[str, int], dims: dict[str, int],
+                 init_index: Optional[dict[str, torch.Tensor]] = None):
+        super().__init__()
+        init_index = init_index or {}
+        self.maps = nn.ModuleDict()
+        for name, ws in student_widths.items():
+            wt = teacher_widths[name]
+            if ws == wt and name not in init_index:
+                continue
+            conv = (nn.Conv2d if dims[name] == 4 else nn.Conv1d)(ws, wt, kernel_size=1, bias=False)
+            if name in init_index:
+                with torch.no_grad():
+                    conv.weight.zero_()
+                    idx = init_index[name]
+                    conv.weight[idx, torch.arange(ws)] = 1.0
+            self.maps[self._key(name)] = conv
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "__")
+
+    def forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        key = self._key(name)
+        if key not in self.maps:
+            return x
+        if x.dim() == 2:  # a hidden Linear layer: treat its units as a 1x1 map
+            return self.maps[key](x.unsqueeze(-1)).squeeze(-1)
+        return self.maps[key](x)

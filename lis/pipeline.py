@@ -1,0 +1,131 @@
+"""The jobs a user runs, from a resolved ``Config`` to files in a run directory.
+
+Each job here is what one CLI command does; ``lis/cli.py`` only parses
+arguments. The jobs translate the config into plain values for the
+components (data, models, teacher, school) so deep code never sees a config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import copy
+import time
+
+import torch
+
+from lis import models
+from lis.admm import ADMMState
+from lis.config import Config
+from lis.data import Loaders, Splits, build_splits, make_loaders
+from lis.groups import CostModel, find_groups
+from lis.dean import create_dean
+from lis.errors import LISError
+from lis.meta import MetaLearner
+from lis.policy import Policy, create_policy
+from lis.prune import hard_prune
+from lis.report import format_summary, summarize, write_report
+from lis.run import MetricsLog, create_run_dir, resolve_device, seed_everything
+from lis.school import Classroom, KDPSettings, finetune, kdp
+from lis.teacher import get_teacher, save_teacher, teacher_key, train_teacher
+
+
+def load_data(cfg: Config) -> tuple[Splits, Loaders]:
+    d = cfg.data
+    splits = build_splits(d.name, d.root, download=d.download, meta_fraction=d.meta_fraction, seed=cfg.run.seed,
+                          image_size=d.image_size, num_classes=d.num_classes, fake_size=d.fake_size)
+    return splits, make_loaders(splits, d.batch_size, d.num_workers, seed=cfg.run.seed)
+
+
+def train_teacher_job(cfg: Config, overwrite: bool = False) -> Path:
+    """``lis train-teacher``: train a teacher into ``<run>/teacher.pt`` and the teacher cache."""
+    device = resolve_device(cfg.run.device)
+    splits, loaders = load_data(cfg)
+    run_dir = create_run_dir(cfg, overwrite)
+    with MetricsLog(run_dir, cfg) as log:
+        model, acc = train_teacher(cfg, splits, loaders, device, log.log)
+    save_teacher(run_dir / "teacher.pt", model, cfg.model.name, splits.num_classes, acc)
+    cache = Path(cfg.run.dir) / "teachers" / f"{teacher_key(cfg)}.pt"
+    save_teacher(cache, model, cfg.model.name, splits.num_classes, acc)
+    (run_dir / "summary.json").write_text(json.dumps({"teacher_acc": acc, "model": cfg.model.name}, indent=2))
+    print(f"teacher {cfg.model.name} on {cfg.data.name}: test accuracy {acc:.4f}")
+    print(f"saved {run_dir / 'teacher.pt'} (cached as {cache})")
+    return run_dir
+
+
+def build_policy(cfg: Config) -> Policy:
+    """The policy named by ``policy.name``: the dean (starting at the fixed constants) or a fixed preset."""
+    p = cfg.policy
+    if p.name == "dean":
+        return create_dean(p.dean_checkpoint, init_alpha=p.alpha, init_alpha_out=p.alpha_out, init_rho=p.rho)
+    return create_policy(p.name, alpha_out=p.alpha_out, alpha=p.alpha, rho=p.rho)
+
+
+def compress(cfg: Config, overwrite: bool = False) -> Path:
+    """``lis compress``: teacher (cached or trained) -> KDP -> hard prune -> fine-tune -> evaluate.
+
+    Writes ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``student.pt``
+    and ``report.md`` into the run directory and returns it.
+    """
+    start = time.perf_counter()
+    device = resolve_device(cfg.run.device)
+    splits, loaders = load_data(cfg)
+    policy = build_policy(cfg).to(device)  # fails early on a bad name or dean checkpoint
+    if cfg.policy.name == "dean" and len(splits.meta) == 0:
+        raise LISError("the dean needs a meta split but data.meta_fraction=0 leaves none: set it to e.g. 0.1")
+    run_dir = create_run_dir(cfg, overwrite)
+    with MetricsLog(run_dir, cfg) as log:
+        teacher, teacher_acc, _ = get_teacher(cfg, splits, loaders, device, log.log)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        seed_everything(cfg.run.seed)
+        if cfg.student.model is None:
+            student = copy.deepcopy(teacher).train()
+            student.requires_grad_(True)
+        else:
+            student = models.create(cfg.student.model, splits.num_classes).to(device)
+        example = torch.zeros(2, *splits.input_shape, device=device)
+
+        # the sparse target: channel groups, their cost model, ADMM state with the budget
+        groups = find_groups(student, example)
+        teacher_groups = find_groups(teacher, example)
+        cost = CostModel(student, groups, example)
+        budget, target = (("macs", cfg.prune.target_macs_reduction) if cfg.prune.target_params_reduction is None
+                          else ("params", cfg.prune.target_params_reduction))
+        admm = ADMMState(student, groups, cost, target, budget, cfg.prune.min_keep_ratio)
+        room = Classroom(teacher, student, [g.name for g in groups], [g.name for g in teacher_groups], example,
+                         cfg.kdp.temperature, features=cfg.kdp.feature_layers == "all").to(device)
+
+        k = cfg.kdp
+        settings = KDPSettings(epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
+                               admm_interval=cfg.admm.interval, signals_interval=cfg.signals.interval,
+                               ema=cfg.signals.ema, meta_interval=cfg.meta.interval)
+        meta_step = None
+        if cfg.policy.name == "dean":
+            meta_step = MetaLearner(policy, lr=cfg.meta.lr, unroll=cfg.meta.unroll, beta=cfg.meta.beta,
+                                    backend=cfg.meta.backend)
+        _, final_weights = kdp(student, room, groups, admm, policy, loaders.train, loaders.test, device,
+                               settings, log.log, meta_step=meta_step, meta_batches=loaders.meta)
+        if cfg.policy.name == "dean":
+            torch.save(policy.state_dict(), run_dir / "dean.pt")
+
+        # hard prune: zero what lies outside Z's support, then physically remove it
+        small = hard_prune(student, groups, admm.masks, example)
+        keep_index = {g.name: admm.masks[g.name].nonzero().flatten() for g in groups}
+        small_room = Classroom(teacher, small, [g.name for g in groups], [g.name for g in teacher_groups], example,
+                               cfg.kdp.temperature, features=cfg.kdp.feature_layers == "all",
+                               init_index=keep_index).to(device)
+        f = cfg.finetune
+        metrics = finetune(small, small_room, final_weights, loaders.train, loaders.test, device, epochs=f.epochs,
+                           lr=f.lr, momentum=k.momentum, weight_decay=k.weight_decay, log=log.log)
+
+        summary = summarize(cfg, teacher, small, splits.input_shape, teacher_acc, metrics["acc"],
+                            time.perf_counter() - start, [g.name for g in groups],
+                            [g.num_channels for g in groups], [admm.keep[g.name] for g in groups])
+        log.log({"phase": "summary", **{k: v for k, v in summary.items() if not isinstance(v, (list, dict))}})
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    torch.save(small.cpu(), run_dir / "student.pt")
+    write_report(run_dir, summary)
+    print(format_summary(summary, run_dir))
+    return run_dir

@@ -1,0 +1,74 @@
+"""Policies: where the per-layer distillation and sparsity weights come from.
+
+Every policy answers the same question, state -> weights:
+
+    a_out  weight of the logit distillation KD_logit
+    a_l    weight of layer l's feature distillation KD_feat_l
+    r_l    ADMM penalty weight of layer l
+
+The KDP loop calls ``policy(signals)`` and never asks which policy it runs;
+the dean (``lis.dean``) is one more policy whose weights are meta-learned.
+A new fixed-weight baseline is a few lines here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lis.errors import LISError
+from lis.signals import Signals
+
+
+@dataclass
+class Weights:
+    alpha_out: torch.Tensor  #: scalar a_out
+    alpha: torch.Tensor  #: (L,) a_l
+    rho: torch.Tensor  #: (L,) r_l
+
+    def detached(self) -> "Weights":
+        return Weights(self.alpha_out.detach(), self.alpha.detach(), self.rho.detach())
+
+    def distils(self) -> bool:
+        """Whether any distillation weight is non-zero (a teacher is used at all)."""
+        return bool(self.alpha_out.detach() > 0 or (self.alpha.detach() > 0).any())
+
+
+class Policy(nn.Module):
+    """Maps the signals of L layers to ``Weights``; subclasses implement ``forward``."""
+
+    def forward(self, signals: Signals) -> Weights:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class FixedPolicy(Policy):
+    """Constant weights: the paper's fixed-weight setting (and, with zeros, its ablations)."""
+
+    def __init__(self, alpha_out: float, alpha: float, rho: float):
+        super().__init__()
+        self.alpha_out, self.alpha, self.rho = float(alpha_out), float(alpha), float(rho)
+
+    def forward(self, signals: Signals) -> Weights:
+        n = len(signals.distillability)
+        return Weights(torch.tensor(self.alpha_out), torch.full((n,), self.alpha), torch.full((n,), self.rho))
+
+
+def fixed(alpha_out: float, alpha: float, rho: float) -> FixedPolicy:
+    return FixedPolicy(alpha_out, alpha, rho)
+
+
+def prune_only(alpha_out: float, alpha: float, rho: float) -> FixedPolicy:
+    """ADMM pruning with no teacher: every distillation weight is 0."""
+    return FixedPolicy(0.0, 0.0, rho)
+
+
+PRESETS = {"fixed": fixed, "prune_only": prune_only}
+
+
+def create_policy(name: str, *, alpha_out: float, alpha: float, rho: float) -> Policy:
+    """A fixed-weight policy by name (the dean is built by ``lis.dean``)."""
+    if name not in PRESETS:
+        raise LISError(f"policy.name={name!r} is not a fixed-weight policy: use one of {', '.join(PRESETS)} or dean")
+    return PRESETS[name](alpha_out, alpha, rho)
