@@ -1,0 +1,124 @@
+"""The dean's meta step (DESIGN.md section 3), with a swappable differentiable-unroll backend.
+
+Every ``meta.interval`` iterations:
+
+1. weights = dean(signals), differentiable in the dean's parameters phi;
+2. ``unroll`` differentiable SGD steps of the student on the KDP loss of a
+   training batch, at the student's current learning rate (plain SGD: no
+   momentum or weight decay in the unroll), giving W'(phi);
+3. L_meta = CE(W'; meta batch) + beta * sum_l ||W'_l - Z_l||^2 / ||W_l||^2
+   on a batch of the held-out meta split (never the test split);
+4. an Adam step on phi.
+
+The real student's weights, optimizer state and BatchNorm statistics are not
+touched: the unroll works on copies of the weights, and BatchNorm buffers are
+restored after it.
+
+Backends (``meta.backend``):
+
+- ``higher`` (default): ``higher.innerloop_ctx`` around the student.
+- ``func``: ``torch.func.functional_call`` with hand-written SGD steps; no
+  dependency on ``higher``, which has not been released since 2021.
+
+Both compute the same meta-gradient (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lis.admm import ADMMState, group_rows
+from lis.dean import Dean
+from lis.school import Classroom
+from lis.signals import Signals
+
+Params = Mapping[str, torch.Tensor]
+# (module to hook features on, its parameters, forward function) -> loss
+LossFn = Callable[[nn.Module, Params, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+
+
+def unroll_higher(student: nn.Module, lr: float, unroll: int, step_loss: LossFn, meta_loss: LossFn) -> torch.Tensor:
+    inner_opt = torch.optim.SGD(student.parameters(), lr=lr)
+    with higher_innerloop_ctx(student, inner_opt) as (fmodel, diffopt):
+        for _ in range(unroll):
+            diffopt.step(step_loss(fmodel, dict(fmodel.named_parameters()), fmodel))
+        return meta_loss(fmodel, dict(fmodel.named_parameters()), fmodel)
+
+
+def higher_innerloop_ctx(student: nn.Module, inner_opt: torch.optim.Optimizer):
+    import higher
+
+    # copy_initial_weights: the unroll starts from copies, so no gradient reaches the real student
+    return higher.innerloop_ctx(student, inner_opt, copy_initial_weights=True, track_higher_grads=True)
+
+
+def unroll_func(student: nn.Module, lr: float, unroll: int, step_loss: LossFn, meta_loss: LossFn) -> torch.Tensor:
+    params = {n: p.detach().requires_grad_() for n, p in student.named_parameters()}
+    buffers = {n: b.clone() for n, b in student.named_buffers()}  # BN statistics move on copies only
+
+    def forward_with(p: Params) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: torch.func.functional_call(student, (dict(p), buffers), (x,))
+
+    for _ in range(unroll):
+        loss = step_loss(student, params, forward_with(params))
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+        params = {n: p if g is None else p - lr * g for (n, p), g in zip(params.items(), grads)}
+    return meta_loss(student, params, forward_with(params))
+
+
+BACKENDS = {"higher": unroll_higher, "func": unroll_func}
+
+
+class MetaLearner:
+    """Owns the dean's Adam optimizer and performs meta steps; called by the KDP loop."""
+
+    def __init__(self, dean: Dean, *, lr: float, unroll: int = 1, beta: float = 1.0, backend: str = "higher"):
+        self.dean, self.unroll, self.beta = dean, unroll, beta
+        self.unroll_fn = BACKENDS[backend]
+        self.opt = torch.optim.Adam(dean.parameters(), lr=lr)
+
+    def objective(self, student: nn.Module, room: Classroom, admm: ADMMState, signals: Signals,
+                  batch: tuple[torch.Tensor, torch.Tensor], meta_batch: tuple[torch.Tensor, torch.Tensor],
+                  lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_meta, its CE part) as a differentiable function of the dean's parameters."""
+        x, y = batch
+        xm, ym = meta_batch
+        w = self.dean(signals)
+        with torch.no_grad():
+            params = dict(student.named_parameters())
+            w_norm2 = {g.name: group_rows(params, g).pow(2).sum().clamp_min(1e-12) for g in admm.groups}
+        parts = {}
+
+        def step_loss(module: nn.Module, p: Params, forward) -> torch.Tensor:
+            lesson = room.lesson(module, x, y, forward)
+            return lesson.ce + lesson.distillation(w) + admm.penalty(p, w.rho)
+
+        def meta_loss(module: nn.Module, p: Params, forward) -> torch.Tensor:
+            parts["ce"] = F.cross_entropy(forward(xm), ym)
+            close = sum((group_rows(p, g) - admm.Z[g.name]).pow(2).sum() / w_norm2[g.name] for g in admm.groups)
+            return parts["ce"] + self.beta * close
+
+        buffers = {n: b.clone() for n, b in student.named_buffers()}
+        try:
+            loss = self.unroll_fn(student, lr, self.unroll, step_loss, meta_loss)
+        finally:
+            with torch.no_grad():
+                for n, b in student.named_buffers():
+                    b.copy_(buffers[n])
+        return loss, parts["ce"]
+
+    def __call__(self, student: nn.Module, opt: torch.optim.Optimizer, room: Classroom, admm: ADMMState,
+                 signals: Signals, batch, meta_batch, device: Optional[torch.device] = None) -> dict:
+        """One meta step; returns what to log (``meta_loss``, ``meta_ce``)."""
+        lr = opt.param_groups[0]["lr"]
+        if device is not None:
+            meta_batch = tuple(t.to(device) for t in meta_batch)
+        loss, ce = self.objective(student, room, admm, signals, batch, meta_batch, lr)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward(inputs=list(self.dean.parameters()))
+        self.opt.step()
+        return {"meta_loss": loss.item(), "meta_ce": ce.item()}

@@ -1,0 +1,86 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lis.dean import Dean, create_dean
+from lis.errors import LISError
+from lis.signals import Signals
+
+
+def signals(n, values=None, progress=0.5, ce=1.0, kd=0.5):
+    v = torch.zeros(4, n) if values is None else values
+    return Signals(v[0], v[1], v[2], v[3], progress, ce, kd)
+
+
+def test_a_fresh_dean_is_the_fixed_policy():
+    dean = Dean(init_alpha=0.5, init_alpha_out=1.5, init_rho=2e-3)
+    w = dean(signals(5, torch.randn(4, 5)))
+    torch.testing.assert_close(w.alpha, torch.full((5,), 0.5), rtol=1e-4, atol=0)
+    torch.testing.assert_close(w.rho, torch.full((5,), 2e-3), rtol=1e-4, atol=0)
+    assert w.alpha_out.item() == pytest.approx(1.5, rel=1e-4)
+
+
+def test_outputs_are_per_layer_and_differentiable():
+    dean = Dean()
+    w = dean(signals(7, torch.randn(4, 7)))
+    assert w.alpha.shape == w.rho.shape == (7,) and w.alpha_out.shape == ()
+    (w.alpha.sum() + w.rho.log().sum() + w.alpha_out).backward()
+    assert all(p.grad is not None for p in dean.parameters())
+
+
+finite = st.floats(min_value=-1e30, max_value=1e30, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    values=st.lists(finite, min_size=48, max_size=48),
+    progress=finite,
+    losses=st.tuples(st.floats(0, 1e30), st.floats(0, 1e30)),
+    weight_scale=st.sampled_from([0.0, 1.0, 1e3, 1e6]),
+    seed=st.integers(0, 2**16),
+)
+def test_outputs_stay_in_bounds(n, values, progress, losses, weight_scale, seed):
+    """Property: random, huge, zero inputs and huge dean weights never leave the bounds or give NaN."""
+    torch.manual_seed(seed)
+    dean = Dean(a_max=2.0, r_min=1e-5, r_max=1e-1)
+    with torch.no_grad():
+        for p in dean.parameters():
+            p.copy_(torch.randn_like(p) * weight_scale)
+    v = torch.tensor(values[: 4 * n] + [0.0] * max(0, 4 * n - len(values)), dtype=torch.float32).reshape(4, n)
+    w = dean(signals(n, v, progress, *losses))
+    for t in (w.alpha, w.rho, w.alpha_out):
+        assert torch.isfinite(t).all()
+    assert ((w.alpha >= 0) & (w.alpha <= 2.0)).all() and 0 <= w.alpha_out.item() <= 2.0
+    assert ((w.rho >= 1e-5 * (1 - 1e-5)) & (w.rho <= 1e-1 * (1 + 1e-5))).all()
+
+
+def test_checkpoint_transfers_to_a_model_with_another_depth(tmp_path):
+    dean = Dean()
+    with torch.no_grad():
+        for p in dean.parameters():
+            p.add_(torch.randn_like(p))
+    torch.save(dean.state_dict(), tmp_path / "dean.pt")
+    loaded = create_dean(str(tmp_path / "dean.pt"))
+    for n in (4, 30):  # trained on one depth, read on another
+        s = signals(n, torch.randn(4, n))
+        torch.testing.assert_close(loaded(s).rho, dean(s).rho)
+
+
+def test_bad_checkpoints_are_user_errors(tmp_path):
+    with pytest.raises(LISError, match="does not exist"):
+        create_dean(str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(LISError, match="not a LIS dean"):
+        create_dean(str(tmp_path / "junk.pt"))
+
+
+def test_rho_is_log_scaled_between_bounds():
+    dean = Dean(r_min=1e-4, r_max=1e-2)
+    with torch.no_grad():
+        dean.layer_head.bias.copy_(torch.tensor([0.0, 0.0]))  # sigmoid 0.5: geometric mean of the bounds
+    w = dean(signals(3))
+    torch.testing.assert_close(w.rho, torch.full((3,), math.sqrt(1e-4 * 1e-2)))

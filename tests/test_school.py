@@ -1,0 +1,93 @@
+"""The compression pipeline end to end on shrunken configs: KDP -> hard prune -> fine-tune -> report."""
+
+import json
+
+import pytest
+import torch
+
+import lis
+from lis.config import load_config
+from lis.measure import count_macs, count_params
+from lis.pipeline import load_data
+from lis.train import evaluate
+
+LISTS = ("distillability", "sparsity", "admm_gap", "alpha", "rho")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("school")
+    return {"run.dir": str(root / "runs"), "data.root": str(root / "data")}
+
+
+def run(dirs, name, *overrides, config="experiments/mnist1d.yaml"):
+    base = [f"{k}={v}" for k, v in dirs.items()] + [
+        f"run.name={name}", "tracking.wandb=disabled", "teacher.epochs=2", "kdp.epochs=1",
+        "finetune.epochs=1", "admm.interval=10", "signals.interval=5", "meta.interval=5"]
+    cfg = load_config(config, base + list(overrides))
+    run_dir = lis.compress(cfg)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return cfg, run_dir, json.loads((run_dir / "summary.json").read_text()), records
+
+
+def kdp_steps(records):
+    return [r for r in records if r.get("phase") == "kdp" and "distillability" in r]
+
+
+@pytest.mark.parametrize("policy", ["fixed", "prune_only", "dean"])
+def test_compress_writes_a_pruned_student_that_meets_the_budget(dirs, policy):
+    cfg, run_dir, summary, records = run(dirs, f"c-{policy}", f"policy.name={policy}")
+    for f in ("config.yaml", "metrics.jsonl", "summary.json", "student.pt", "report.md"):
+        assert (run_dir / f).is_file(), f
+    assert summary["policy"] == policy and 0 <= summary["student_acc"] <= 1
+    # the physically pruned student, loaded on its own, measured independently
+    student = lis.load_student(run_dir / "student.pt")
+    splits, loaders = load_data(cfg)
+    teacher = lis.models.create(cfg.model.name, splits.num_classes)
+    reduction = 1 - count_macs(student, splits.input_shape) / count_macs(teacher, splits.input_shape)
+    assert reduction >= cfg.prune.target_macs_reduction - 1e-9
+    assert reduction == pytest.approx(summary["macs_reduction"])
+    assert count_params(student) == summary["params"]["student"] < count_params(teacher)
+    assert evaluate(student, loaders.test, torch.device("cpu"))["acc"] == pytest.approx(summary["student_acc"])
+
+    # the per-layer series, for every policy
+    names = [r for r in records if "layer_names" in r]
+    assert len(names) == 1
+    steps = kdp_steps(records)
+    assert steps
+    for r in steps:
+        for key in LISTS:
+            assert len(r[key]) == len(names[0]["layer_names"]), key
+    if policy == "prune_only":
+        assert all(a == 0 for r in steps for a in r["alpha"]) and all(r["alpha_out"] == 0 for r in steps)
+    if policy == "dean":
+        assert (run_dir / "dean.pt").is_file()
+        assert steps[-1]["rho"] != steps[0]["rho"] and steps[-1]["alpha"] != steps[0]["alpha"]
+        assert any("meta_loss" in r for r in steps)
+
+
+def test_same_seed_same_numbers(dirs):
+    _, _, a, _ = run(dirs, "det-a", "policy.name=dean")
+    _, _, b, _ = run(dirs, "det-b", "policy.name=dean")
+    for key in ("student_acc", "params", "macs", "channels"):
+        assert a[key] == b[key], key
+
+
+def test_a_trained_dean_is_loaded_into_another_run(dirs):
+    _, first, _, _ = run(dirs, "dean-src", "policy.name=dean")
+    cfg, _, _, records = run(dirs, "dean-dst", "policy.name=dean", f"policy.dean_checkpoint={first / 'dean.pt'}",
+                             "prune.target_macs_reduction=0.5")
+    trained = torch.load(first / "dean.pt")
+    fresh = lis.dean.create_dean(None)
+    assert any(not torch.equal(trained[k], v) for k, v in fresh.state_dict().items())
+    # the second run starts from the trained dean, not from the fixed constants
+    assert kdp_steps(records)[0]["rho"] != pytest.approx([cfg.policy.rho] * len(kdp_steps(records)[0]["rho"]))
+
+
+def test_a_student_of_another_architecture_learns_through_adapters(dirs):
+    _, run_dir, summary, records = run(
+        dirs, "r56-to-r20", "data.name=fake", "data.fake_size=32", "data.batch_size=16", "model.name=resnet56",
+        "student.model=resnet20", "policy.name=fixed", "prune.target_macs_reduction=0.5")
+    assert summary["params"]["student"] < count_params(lis.models.create("resnet20", 10))
+    steps = kdp_steps(records)
+    assert len(steps[0]["distillability"]) == len([r for r in records if "layer_names" in r][0]["layer_names"])
