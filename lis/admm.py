@@ -14,8 +14,8 @@ to ``.grad`` (it is analytic, so the loop needs no extra backward for it) and
 
 The k_l come from one global budget (``plan_keep``): all channels are ranked
 by their norm divided by the largest norm of their group, and the lowest are
-given up until the cost model says the target reduction of MACs (or
-parameters) is met, never going below ``min_keep_ratio`` of a group.
+given up until the cost model says the target reductions of MACs and/or
+parameters are met, never going below ``min_keep_ratio`` of a group.
 Groups whose channels shrink fastest (high sparsability) thus give up more.
 """
 
@@ -61,24 +61,22 @@ def project_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x * keep.unsqueeze(1), keep
 
 
-def plan_keep(
-    norms: dict[str, torch.Tensor],
-    cost: Callable[[dict[str, int]], int],
-    target_reduction: float,
-    min_keep_ratio: float,
-) -> dict[str, int]:
-    """Channels to keep per group so that ``cost(keep) <= (1 - target_reduction) * cost(all)``.
+Budget = tuple[str, Callable[[dict[str, int]], int], float]  # (name, cost of a keep plan, target reduction)
+
+
+def plan_keep(norms: dict[str, torch.Tensor], budgets: Sequence[Budget], min_keep_ratio: float) -> dict[str, int]:
+    """Channels to keep per group so that every budget holds: ``cost(keep) <= (1 - target) * cost(all)``.
 
     ``norms[g]`` are group g's channel norms; channels are given up in the
     global order of norm / max norm of their group, lowest first, skipping
-    groups at their floor ceil(min_keep_ratio * n_g) (at least 1). ``cost``
+    groups at their floor ceil(min_keep_ratio * n_g) (at least 1). Each cost
     must not increase when channels are removed; the least removal that meets
-    the budget is found by bisection. Raises ``LISError`` when even every
-    group at its floor misses the budget.
+    all budgets is found by bisection. Raises ``LISError`` when even every
+    group at its floor misses a budget.
     """
     full = {g: len(n) for g, n in norms.items()}
     floor = {g: max(1, math.ceil(min_keep_ratio * n)) for g, n in full.items()}
-    budget = (1.0 - target_reduction) * cost(full)
+    limits = [(name, cost, (1.0 - target) * cost(full), target) for name, cost, target in budgets]
     entries = []
     for g, n in norms.items():
         scaled = (n / n.max().clamp_min(1e-12)).tolist()
@@ -92,16 +90,21 @@ def plan_keep(
             keep[g] -= 1
         return keep
 
-    if cost(keep_after(len(entries))) > budget:
-        raise LISError(
-            f"the pruning budget cannot be met: with prune.min_keep_ratio={min_keep_ratio} the model keeps "
-            f"{1 - cost(keep_after(len(entries))) / cost(full):.1%} reduction at most, below the target "
-            f"{target_reduction:.1%}; lower prune.min_keep_ratio or the target"
-        )
-    lo, hi = 0, len(entries)  # invariant: keep_after(hi) meets the budget
+    def fits(keep: dict[str, int]) -> bool:
+        return all(cost(keep) <= limit for _, cost, limit, _ in limits)
+
+    smallest = keep_after(len(entries))
+    for name, cost, limit, target in limits:
+        if cost(smallest) > limit:
+            raise LISError(
+                f"the pruning budget cannot be met: with prune.min_keep_ratio={min_keep_ratio} at most "
+                f"{1 - cost(smallest) / cost(full):.1%} of the {name} can be removed, not the target "
+                f"{target:.1%}; lower prune.min_keep_ratio or prune.target_{name}_reduction"
+            )
+    lo, hi = 0, len(entries)  # invariant: keep_after(hi) fits
     while lo < hi:
         mid = (lo + hi) // 2
-        if cost(keep_after(mid)) <= budget:
+        if fits(keep_after(mid)):
             hi = mid
         else:
             lo = mid + 1
@@ -112,10 +115,12 @@ class ADMMState:
     """Z and U of every channel group, and the current keep counts k_l."""
 
     def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup], cost: CostModel,
-                 target_reduction: float, budget: str = "macs", min_keep_ratio: float = 0.1):
+                 budgets: dict[str, float], min_keep_ratio: float = 0.1):
+        """``budgets`` maps ``"macs"`` and/or ``"params"`` to a target reduction in (0, 1)."""
         self.groups = list(groups)
-        self.cost = cost.macs if budget == "macs" else cost.params
-        self.target_reduction = target_reduction
+        if not budgets or set(budgets) - {"macs", "params"}:
+            raise ValueError(f"budgets must map 'macs' and/or 'params' to a reduction, got {budgets}")
+        self.budgets = [(name, getattr(cost, name), target) for name, target in budgets.items()]
         self.min_keep_ratio = min_keep_ratio
         with torch.no_grad():
             w = {g.name: group_rows(_params(model), g) for g in self.groups}
@@ -130,8 +135,7 @@ class ADMMState:
         """Z-step: re-plan k_l from the current norms of W + U, then Z = Proj(W + U)."""
         params = _params(model)
         v = {g.name: group_rows(params, g) + self.U[g.name] for g in self.groups}
-        self.keep = plan_keep({n: x.norm(dim=1) for n, x in v.items()}, self.cost,
-                              self.target_reduction, self.min_keep_ratio)
+        self.keep = plan_keep({n: x.norm(dim=1) for n, x in v.items()}, self.budgets, self.min_keep_ratio)
         for name, x in v.items():
             self.Z[name], self.masks[name] = project_rows(x, self.keep[name])
 
@@ -174,7 +178,10 @@ class ADMMState:
         return torch.tensor([self.keep[g.name] / g.num_channels for g in self.groups])
 
     def state_dict(self) -> dict:
-        return {"Z": self.Z, "U": self.U, "masks": self.masks, "keep": self.keep}
+        """A snapshot (copies) of Z, U, the masks and the keep counts."""
+        clone = lambda d: {k: v.clone() for k, v in d.items()}  # noqa: E731
+        return {"Z": clone(self.Z), "U": clone(self.U), "masks": clone(self.masks), "keep": dict(self.keep)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.Z, self.U, self.masks, self.keep = state["Z"], state["U"], state["masks"], state["keep"]
+        self.Z, self.U = dict(state["Z"]), dict(state["U"])
+        self.masks, self.keep = dict(state["masks"]), dict(state["keep"])

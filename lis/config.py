@@ -87,7 +87,7 @@ class ADMMConfig:
 @dataclass
 class PruneConfig:
     target_macs_reduction: Optional[float] = 0.75  #: 1 - MACs(student)/MACs(teacher), in (0, 1)
-    target_params_reduction: Optional[float] = None  #: alternative budget; set the other to null
+    target_params_reduction: Optional[float] = None  #: 1 - params(student)/params(teacher); both may be set
     min_keep_ratio: float = 0.1  #: every channel group keeps at least this fraction of channels
 
 
@@ -275,11 +275,8 @@ def validate(cfg: Config) -> None:
         value = _get(cfg, key)
         if not ok(value):
             raise ConfigError(f"{key}={value} is out of range: it must be {what}")
-    if (cfg.prune.target_macs_reduction is None) == (cfg.prune.target_params_reduction is None):
-        raise ConfigError(
-            "set exactly one pruning budget: prune.target_macs_reduction or prune.target_params_reduction "
-            "(set the other to null)"
-        )
+    if cfg.prune.target_macs_reduction is None and cfg.prune.target_params_reduction is None:
+        raise ConfigError("no pruning budget: set prune.target_macs_reduction and/or prune.target_params_reduction")
     if cfg.run.name in ("", ".", "..") or "/" in cfg.run.name:
         raise ConfigError(f"run.name={cfg.run.name!r} must be a plain folder name, without '/'")
 

@@ -14,19 +14,20 @@ import copy
 import time
 
 import torch
+from torch import nn
 
 from lis import models
 from lis.admm import ADMMState
 from lis.config import Config
 from lis.data import Loaders, Splits, build_splits, make_loaders
-from lis.groups import CostModel, find_groups
+from lis.groups import ChannelGroup, CostModel, find_groups
 from lis.dean import create_dean
 from lis.errors import LISError
 from lis.meta import MetaLearner
 from lis.policy import Policy, create_policy
 from lis.prune import hard_prune
 from lis.report import format_summary, summarize, write_report
-from lis.run import MetricsLog, create_run_dir, resolve_device, seed_everything
+from lis.run import MetricsLog, new_run_dir, resolve_device, seed_everything
 from lis.school import Classroom, KDPSettings, finetune, kdp
 from lis.teacher import get_teacher, save_teacher, teacher_key, train_teacher
 
@@ -42,8 +43,8 @@ def train_teacher_job(cfg: Config, overwrite: bool = False) -> Path:
     """``lis train-teacher``: train a teacher into ``<run>/teacher.pt`` and the teacher cache."""
     device = resolve_device(cfg.run.device)
     splits, loaders = load_data(cfg)
-    run_dir = create_run_dir(cfg, overwrite)
-    with MetricsLog(run_dir, cfg) as log:
+    models.create(cfg.model.name, splits.num_classes)  # a bad name fails before the run directory exists
+    with new_run_dir(cfg, overwrite) as run_dir, MetricsLog(run_dir, cfg) as log:
         model, acc = train_teacher(cfg, splits, loaders, device, log.log)
     save_teacher(run_dir / "teacher.pt", model, cfg.model.name, splits.num_classes, acc)
     cache = Path(cfg.run.dir) / "teachers" / f"{teacher_key(cfg)}.pt"
@@ -62,6 +63,19 @@ def build_policy(cfg: Config) -> Policy:
     return create_policy(p.name, alpha_out=p.alpha_out, alpha=p.alpha, rho=p.rho)
 
 
+def budgets(cfg: Config) -> dict[str, float]:
+    """The pruning budgets set in ``prune``: ``{"macs": ..., "params": ...}`` (one or both)."""
+    targets = {"macs": cfg.prune.target_macs_reduction, "params": cfg.prune.target_params_reduction}
+    return {name: t for name, t in targets.items() if t is not None}
+
+
+def plan(student: nn.Module, example: torch.Tensor, cfg: Config) -> tuple[list[ChannelGroup], ADMMState]:
+    """The student's channel groups and its ADMM state at the configured budget."""
+    groups = find_groups(student, example)
+    return groups, ADMMState(student, groups, CostModel(student, groups, example), budgets(cfg),
+                             cfg.prune.min_keep_ratio)
+
+
 def compress(cfg: Config, overwrite: bool = False) -> Path:
     """``lis compress``: teacher (cached or trained) -> KDP -> hard prune -> fine-tune -> evaluate.
 
@@ -71,11 +85,16 @@ def compress(cfg: Config, overwrite: bool = False) -> Path:
     start = time.perf_counter()
     device = resolve_device(cfg.run.device)
     splits, loaders = load_data(cfg)
-    policy = build_policy(cfg).to(device)  # fails early on a bad name or dean checkpoint
+    # fail on user mistakes before anything is written or trained
+    seed_everything(cfg.run.seed)  # the dean's initial weights
+    policy = build_policy(cfg).to(device)
     if cfg.policy.name == "dean" and len(splits.meta) == 0:
         raise LISError("the dean needs a meta split but data.meta_fraction=0 leaves none: set it to e.g. 0.1")
-    run_dir = create_run_dir(cfg, overwrite)
-    with MetricsLog(run_dir, cfg) as log:
+    example = torch.zeros(2, *splits.input_shape, device=device)
+    models.create(cfg.model.name, splits.num_classes)
+    plan(models.create(cfg.student.model or cfg.model.name, splits.num_classes).to(device), example, cfg)
+
+    with new_run_dir(cfg, overwrite) as run_dir, MetricsLog(run_dir, cfg) as log:
         teacher, teacher_acc, _ = get_teacher(cfg, splits, loaders, device, log.log)
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -85,15 +104,10 @@ def compress(cfg: Config, overwrite: bool = False) -> Path:
             student.requires_grad_(True)
         else:
             student = models.create(cfg.student.model, splits.num_classes).to(device)
-        example = torch.zeros(2, *splits.input_shape, device=device)
 
         # the sparse target: channel groups, their cost model, ADMM state with the budget
-        groups = find_groups(student, example)
+        groups, admm = plan(student, example, cfg)
         teacher_groups = find_groups(teacher, example)
-        cost = CostModel(student, groups, example)
-        budget, target = (("macs", cfg.prune.target_macs_reduction) if cfg.prune.target_params_reduction is None
-                          else ("params", cfg.prune.target_params_reduction))
-        admm = ADMMState(student, groups, cost, target, budget, cfg.prune.min_keep_ratio)
         room = Classroom(teacher, student, [g.name for g in groups], [g.name for g in teacher_groups], example,
                          cfg.kdp.temperature, features=cfg.kdp.feature_layers == "all").to(device)
 

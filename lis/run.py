@@ -15,7 +15,8 @@ import random
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -63,6 +64,18 @@ def create_run_dir(cfg: Config, overwrite: bool = False) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").write_text(to_yaml(cfg))
     return path
+
+
+@contextmanager
+def new_run_dir(cfg: Config, overwrite: bool = False) -> Iterator[Path]:
+    """``create_run_dir`` that removes the directory again if a user error (``LISError``) stops the job,
+    so the corrected command can run without ``--overwrite``."""
+    path = create_run_dir(cfg, overwrite)
+    try:
+        yield path
+    except LISError:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 class MetricsLog:

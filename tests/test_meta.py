@@ -27,7 +27,7 @@ def setup(dtype=torch.float64, seed=0):
     teacher, student = tiny_net().to(dtype).eval(), tiny_net().to(dtype).train()
     example = torch.randn(2, 1, 8, dtype=dtype)
     groups = find_groups(student, example)
-    admm = ADMMState(student, groups, CostModel(student, groups, example), 0.5, "params", 0.2)
+    admm = ADMMState(student, groups, CostModel(student, groups, example), {"params": 0.5}, 0.2)
     # a non-trivial dual so every term of the penalty matters
     for name in admm.U:
         admm.U[name] = 0.1 * torch.randn_like(admm.U[name])

@@ -1,0 +1,172 @@
+"""Tests for lis/cli.py: help, one-line errors with exit code 2, and run directories.
+
+A few cases go through the real console entry (``python -m lis``, ~3-5 s each for
+the imports); the rest call ``lis.cli.main`` in-process, which is what the entry runs.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from lis.cli import main
+
+
+def quiet(tmp_path):
+    """Overrides that keep a run out of the repository and off wandb."""
+    return ["tracking.wandb=disabled", f"run.dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}"]
+
+
+def lis(tmp_path, *args, columns=None):
+    """Run the real console entry ``python -m lis ARGS`` from ``tmp_path``."""
+    env = {**os.environ, "CI": "1"}
+    if columns:
+        env["COLUMNS"] = str(columns)
+    return subprocess.run([sys.executable, "-m", "lis", *map(str, args)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+
+
+def run_main(capsys, *args):
+    """``lis.cli.main(ARGS)`` in-process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, f"exit code {code}, stderr: {err}"
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), f"stderr is not exactly one line:\n{err}"
+    assert lines[0].startswith("lis: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+@pytest.fixture
+def digits(repo):
+    return repo / "experiments" / "digits.yaml"
+
+
+# --- help ----------------------------------------------------------------------------------------
+
+
+def test_help_lists_the_commands_with_one_line_descriptions(tmp_path):
+    # A wide terminal, so that argparse has no reason to wrap a one-line description.
+    r = lis(tmp_path, "--help", columns=200)
+    assert r.returncode == 0, r.stderr
+    for command, description in [
+        ("train-teacher", "train (and cache) the teacher of a config"),
+        ("compress", "teacher -> KDP (prune + distill) -> hard prune -> fine-tune -> evaluate"),
+    ]:
+        # argparse puts a description after the name or, for a long name, alone on the next line
+        assert re.search(rf"^ +{re.escape(command)}\s+{re.escape(description)}$", r.stdout, re.M), r.stdout
+
+
+@pytest.mark.parametrize("command", ["train-teacher", "compress"])
+def test_command_help_exits_0(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: lis {command}" in out and "--overwrite" in out and "section.key=value" in out
+
+
+# --- bad input: one line on stderr, exit code 2, nothing overwritten ---------------------------
+
+
+def test_unknown_key_through_the_console(tmp_path, digits):
+    r = lis(tmp_path, "train-teacher", digits, *quiet(tmp_path), "teacher.epoch=3")
+    assert_one_line_error(r.returncode, r.stderr, "unknown config key 'teacher.epoch'",
+                          "did you mean 'teacher.epochs'?")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_malformed_yaml_through_the_console(tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("teacher: {epochs: [1\n")
+    r = lis(tmp_path, "train-teacher", config, *quiet(tmp_path))
+    assert_one_line_error(r.returncode, r.stderr, str(config), "is not valid YAML")
+
+
+def test_existing_run_directory_is_kept_through_the_console(tmp_path, digits):
+    run_dir = tmp_path / "runs" / "digits"
+    run_dir.mkdir(parents=True)
+    (run_dir / "precious.txt").write_text("earlier results")
+    r = lis(tmp_path, "train-teacher", digits, *quiet(tmp_path), "teacher.epochs=0")
+    assert_one_line_error(r.returncode, r.stderr, f"run directory {run_dir} already exists", "--overwrite")
+    assert [p.name for p in run_dir.iterdir()] == ["precious.txt"]
+    assert (run_dir / "precious.txt").read_text() == "earlier results"
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["teacher.epochs=three"], ["teacher.epochs='three' has the wrong type", "an integer"]),
+    (["teacher.epochs=-1"], ["teacher.epochs=-1 is out of range", ">= 0"]),
+    (["model.name=resnet57"], ["unknown model 'resnet57'", "did you mean 'resnet56'?"]),
+], ids=["wrong-type", "negative-epochs", "unknown-model"])
+def test_bad_overrides(tmp_path, capsys, digits, overrides, fragments):
+    code, _, err = run_main(capsys, "train-teacher", digits, *quiet(tmp_path), "teacher.epochs=0", *overrides)
+    assert_one_line_error(code, err, *fragments)
+
+
+def test_missing_config_file(tmp_path, capsys):
+    missing = tmp_path / "no" / "such.yaml"
+    code, _, err = run_main(capsys, "train-teacher", missing, *quiet(tmp_path))
+    assert_one_line_error(code, err, f"config file {missing} does not exist")
+
+
+def test_missing_dataset_root_without_download(tmp_path, capsys, digits):
+    nope = tmp_path / "nope"
+    code, _, err = run_main(capsys, "train-teacher", digits, *quiet(tmp_path), "data.name=cifar10",
+                            f"data.root={nope}", "model.name=resnet20")
+    assert_one_line_error(code, err, "cifar10 not found", str(nope), "data.download=true")
+    assert not nope.exists() and not (tmp_path / "runs").exists()
+
+
+def test_unknown_policy_for_compress(tmp_path, capsys, digits):
+    code, _, err = run_main(capsys, "compress", digits, *quiet(tmp_path), "policy.name=deen")
+    assert_one_line_error(code, err, "policy.name='deen'", "dean")
+    assert not (tmp_path / "runs").exists()  # refused before anything is written
+
+
+def test_dean_without_a_meta_split(tmp_path, capsys, digits):
+    code, _, err = run_main(capsys, "compress", digits, *quiet(tmp_path), "policy.name=dean",
+                            "data.meta_fraction=0")
+    assert_one_line_error(code, err, "meta split", "data.meta_fraction=0")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pruning_budget_the_floor_cannot_meet(tmp_path, capsys, digits):
+    code, _, err = run_main(capsys, "compress", digits, *quiet(tmp_path), "teacher.epochs=1", "kdp.epochs=1",
+                            "finetune.epochs=0", "prune.target_macs_reduction=0.99", "prune.min_keep_ratio=0.5")
+    assert_one_line_error(code, err, "pruning budget cannot be met", "prune.min_keep_ratio=0.5", "99.0%")
+    assert not (tmp_path / "runs" / "digits").exists()  # refused before anything was written
+
+
+def test_a_refused_model_name_leaves_no_run_directory(tmp_path, capsys, digits):
+    code, _, err = run_main(capsys, "train-teacher", digits, *quiet(tmp_path), "teacher.epochs=0",
+                            "model.name=resnet57")
+    assert_one_line_error(code, err, "unknown model")
+    # The user fixes the typo and runs again, without --overwrite: nothing of theirs is there to protect.
+    code, _, err = run_main(capsys, "train-teacher", digits, *quiet(tmp_path), "teacher.epochs=0")
+    assert code == 0, err
+
+
+# --- --overwrite -------------------------------------------------------------------------------
+
+
+def test_overwrite_replaces_an_existing_run_directory(tmp_path, capsys, digits):
+    run_dir = tmp_path / "runs" / "digits"
+    run_dir.mkdir(parents=True)
+    (run_dir / "stale.txt").write_text("from an earlier run")
+    code, out, err = run_main(capsys, "train-teacher", digits, *quiet(tmp_path), "teacher.epochs=0", "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json",
+                                                          "teacher.pt"]
+    assert "epochs: 0" in (run_dir / "config.yaml").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["model"] == "digits_cnn" and 0.0 <= summary["teacher_acc"] <= 1.0
+    assert "test accuracy" in out
