@@ -18,6 +18,7 @@ from torch import nn
 
 from lis import models
 from lis.admm import ADMMState
+from lis.baselines import EXTERNAL, ONE_SHOT, l1_masks, reinit_, tp_group_norm
 from lis.config import Config
 from lis.data import Loaders, Splits, build_splits, make_loaders
 from lis.groups import ChannelGroup, CostModel, find_groups
@@ -29,6 +30,7 @@ from lis.prune import hard_prune
 from lis.report import format_summary, summarize, write_report
 from lis.run import MetricsLog, new_run_dir, resolve_device, seed_everything
 from lis.school import Classroom, KDPSettings, finetune, kdp
+from lis.signals import SignalTracker
 from lis.teacher import get_teacher, save_teacher, teacher_key, train_teacher
 
 
@@ -111,32 +113,55 @@ def compress(cfg: Config, overwrite: bool = False) -> Path:
         room = Classroom(teacher, student, [g.name for g in groups], [g.name for g in teacher_groups], example,
                          cfg.kdp.temperature, features=cfg.kdp.feature_layers == "all").to(device)
 
-        k = cfg.kdp
-        settings = KDPSettings(epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
-                               admm_interval=cfg.admm.interval, signals_interval=cfg.signals.interval,
-                               ema=cfg.signals.ema, meta_interval=cfg.meta.interval)
-        meta_step = None
-        if cfg.policy.name == "dean":
-            meta_step = MetaLearner(policy, lr=cfg.meta.lr, unroll=cfg.meta.unroll, beta=cfg.meta.beta,
-                                    backend=cfg.meta.backend)
-        _, final_weights = kdp(student, room, groups, admm, policy, loaders.train, loaders.test, device,
-                               settings, log.log, meta_step=meta_step, meta_batches=loaders.meta)
-        if cfg.policy.name == "dean":
-            torch.save(policy.state_dict(), run_dir / "dean.pt")
+        k, f, name = cfg.kdp, cfg.finetune, cfg.policy.name
+        finetune_epochs = f.epochs
+        final_weights = policy(SignalTracker(len(groups)).state()).detached()  # KDP recipes: their last weights
+        if name in ONE_SHOT:
+            # one-shot baselines: no KDP phase, its epochs go to fine-tuning (same total epochs)
+            masks = l1_masks(student, groups, admm)
+            small = hard_prune(student, groups, masks, example)
+            if name == "scratch":
+                reinit_(small)
+            finetune_epochs = k.epochs + f.epochs
+        elif name in EXTERNAL:
+            small = tp_group_norm(copy.deepcopy(student), example, budgets(cfg), loaders.train, device,
+                                  epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
+            masks = None
+        else:
+            settings = KDPSettings(epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
+                                   admm_interval=cfg.admm.interval, signals_interval=cfg.signals.interval,
+                                   ema=cfg.signals.ema, meta_interval=cfg.meta.interval)
+            meta_step = None
+            if name == "dean":
+                meta_step = MetaLearner(policy, lr=cfg.meta.lr, unroll=cfg.meta.unroll, beta=cfg.meta.beta,
+                                        backend=cfg.meta.backend)
+            _, final_weights = kdp(student, room, groups, admm, policy, loaders.train, loaders.test, device,
+                                   settings, log.log, meta_step=meta_step, meta_batches=loaders.meta)
+            if name == "dean":
+                torch.save(policy.state_dict(), run_dir / "dean.pt")
+            if name == "kd_only":
+                # no ADMM pull was applied: prune by magnitude, i.e. project W itself (U = 0)
+                admm.U = {n: torch.zeros_like(u) for n, u in admm.U.items()}
+                admm.project(student)
+            masks = admm.masks
+            # hard prune: zero what lies outside Z's support, then physically remove it
+            small = hard_prune(student, groups, masks, example)
 
-        # hard prune: zero what lies outside Z's support, then physically remove it
-        small = hard_prune(student, groups, admm.masks, example)
-        keep_index = {g.name: admm.masks[g.name].nonzero().flatten() for g in groups}
+        # fine-tune the small student with the policy's final weights; adapters start as the kept channels
+        keep_index = None if masks is None or name == "scratch" else \
+            {g.name: masks[g.name].nonzero().flatten() for g in groups}
         small_room = Classroom(teacher, small, [g.name for g in groups], [g.name for g in teacher_groups], example,
                                cfg.kdp.temperature, features=cfg.kdp.feature_layers == "all",
                                init_index=keep_index).to(device)
-        f = cfg.finetune
-        metrics = finetune(small, small_room, final_weights, loaders.train, loaders.test, device, epochs=f.epochs,
-                           lr=f.lr, momentum=k.momentum, weight_decay=k.weight_decay, log=log.log)
+        metrics = finetune(small, small_room, final_weights, loaders.train, loaders.test, device,
+                           epochs=finetune_epochs, lr=f.lr, momentum=k.momentum, weight_decay=k.weight_decay,
+                           log=log.log)
+        modules = dict(small.named_modules())
+        kept = [modules[g.name].weight.shape[0] for g in groups]
 
         summary = summarize(cfg, teacher, small, splits.input_shape, teacher_acc, metrics["acc"],
                             time.perf_counter() - start, [g.name for g in groups],
-                            [g.num_channels for g in groups], [admm.keep[g.name] for g in groups])
+                            [g.num_channels for g in groups], kept)
         log.log({"phase": "summary", **{k: v for k, v in summary.items() if not isinstance(v, (list, dict))}})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     torch.save(small.cpu(), run_dir / "student.pt")

@@ -64,11 +64,23 @@ def prune_only(alpha_out: float, alpha: float, rho: float) -> FixedPolicy:
     return FixedPolicy(0.0, 0.0, rho)
 
 
-PRESETS = {"fixed": fixed, "prune_only": prune_only}
+def kd_only(alpha_out: float, alpha: float, rho: float) -> FixedPolicy:
+    """Distillation with no ADMM pull (r = 0); the student is magnitude-pruned after KDP."""
+    return FixedPolicy(alpha_out, alpha, 0.0)
+
+
+def scratch(alpha_out: float, alpha: float, rho: float) -> FixedPolicy:
+    """No teacher at all: the pruned architecture is trained from random init with cross-entropy."""
+    return FixedPolicy(0.0, 0.0, 0.0)
+
+
+# l1_prune and tp_group_norm (lis.baselines) prune without KDP, then fine-tune with these weights
+PRESETS = {"fixed": fixed, "prune_only": prune_only, "kd_only": kd_only, "l1_prune": kd_only,
+           "scratch": scratch, "tp_group_norm": kd_only}
 
 
 def create_policy(name: str, *, alpha_out: float, alpha: float, rho: float) -> Policy:
-    """A fixed-weight policy by name (the dean is built by ``lis.dean``)."""
+    """A fixed-weight policy by name (the dean is built by ``lis.dean``); see ``PRESETS``."""
     if name not in PRESETS:
         raise LISError(f"policy.name={name!r} is not a fixed-weight policy: use one of {', '.join(PRESETS)} or dean")
     return PRESETS[name](alpha_out, alpha, rho)

@@ -1,0 +1,98 @@
+"""Baselines that do not run the KDP phase (DESIGN.md section 4), at the same budget and total epochs.
+
+The KDP-based baselines are policies (``lis.policy``: ``fixed``,
+``prune_only``, ``kd_only``) and run the same loop as the dean. The ones here
+get their pruned student another way and then spend the KDP epochs plus the
+fine-tuning epochs on fine-tuning, so every method trains as long:
+
+- ``l1_prune``: one-shot L1-norm filter pruning of the teacher (Li et al.,
+  "Pruning Filters for Efficient ConvNets", 2017) to the budget, with the
+  same global ranking of normalised norms and floor as the ADMM plan, then
+  fine-tuning with distillation;
+- ``scratch``: the architecture ``l1_prune`` finds, re-initialised at random
+  and trained with cross-entropy only (no teacher);
+- ``tp_group_norm``: Torch-Pruning's own group-norm sparse training
+  (``GroupNormPruner.regularize`` in an ordinary training loop), pruned with
+  its own global group ranking until the measured MACs/params budget is met,
+  then the same distillation fine-tuning.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lis.admm import ADMMState, plan_keep
+from lis.groups import ChannelGroup, group_tensors
+from lis.measure import count_macs, count_params
+from lis.run import progress
+
+ONE_SHOT = ("l1_prune", "scratch")
+EXTERNAL = ("tp_group_norm",)
+
+
+@torch.no_grad()
+def l1_norms(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+    """Sum of absolute values of each channel's out-slices (the filter L1 norm of Li et al.)."""
+    return sum(t.detach().abs().movedim(d, 0).reshape(group.num_channels, -1).sum(1)
+               for t, d in group_tensors(model, group))
+
+
+def l1_masks(model: nn.Module, groups: Sequence[ChannelGroup], admm: ADMMState) -> dict[str, torch.Tensor]:
+    """Keep masks of the largest-L1 channels, at the budget and floor of ``admm``."""
+    norms = {g.name: l1_norms(model, g) for g in groups}
+    keep = plan_keep(norms, admm.budgets, admm.min_keep_ratio)
+    masks = {}
+    for g in groups:
+        mask = torch.zeros(g.num_channels, dtype=torch.bool)
+        mask[torch.argsort(-norms[g.name], stable=True)[: keep[g.name]]] = True
+        masks[g.name] = mask
+    return masks
+
+
+def reinit_(model: nn.Module) -> None:
+    """Random initialisation of every layer that has one (BatchNorm included)."""
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+def tp_group_norm(model: nn.Module, example: torch.Tensor, budgets: dict[str, float], train: DataLoader,
+                  device: torch.device, *, epochs: int, lr: float, momentum: float, weight_decay: float,
+                  reg: float = 5e-4, steps: int = 100) -> nn.Module:
+    """Torch-Pruning's group-norm sparse training, then its global pruning until ``budgets`` are met.
+
+    ``model`` is trained and pruned in place and returned. The pruner ranks
+    groups globally and prunes in ``steps`` increments of its ratio; pruning
+    stops at the first step whose measured MACs and params meet every budget.
+    """
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    pruner = tp.pruner.GroupNormPruner(
+        model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), reg=reg, global_pruning=True,
+        pruning_ratio=1.0, max_pruning_ratio=0.95, iterative_steps=steps, ignored_layers=classifier)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * len(train), 1))
+    for _ in progress(range(epochs), desc="tp_group_norm"):
+        model.train()
+        for x, y in train:
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            pruner.regularize(model)
+            opt.step()
+            sched.step()
+    shape = tuple(example.shape[1:])
+    full = {"macs": count_macs(model, shape), "params": count_params(model)}
+    measure = {"macs": lambda: count_macs(model, shape), "params": lambda: count_params(model)}
+    model.eval()
+    for _ in range(steps):
+        if all(measure[k]() <= (1 - t) * full[k] for k, t in budgets.items()):
+            break
+        pruner.step()
+    return model
+
