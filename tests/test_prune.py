@@ -8,16 +8,7 @@ import lis.models
 from lis.groups import channel_norms, find_groups
 from lis.prune import hard_prune, keep_masks_from_norms, mask_
 
-# (model name, per-sample input shape): torchvision models at 64x64 to stay fast on a CPU
-ARCHS = [
-    ("resnet20", (3, 32, 32)),
-    ("resnet56", (3, 32, 32)),
-    ("vgg16", (3, 32, 32)),
-    ("mnist1d_cnn", (1, 40)),
-    ("torchvision:resnet18", (3, 64, 64)),
-    ("torchvision:resnet50", (3, 64, 64)),
-    ("torchvision:mobilenet_v2", (3, 64, 64)),
-]
+from archs import ARCHS  # noqa: E402
 
 
 def randomize(model: nn.Module) -> nn.Module:
