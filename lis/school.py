@@ -141,9 +141,8 @@ def kdp(
     is called every ``s.meta_interval`` iterations when given (the dean's
     ``lis.meta.MetaLearner``); it must not change the student.
     """
-    named = [(n, p) for n, p in student.named_parameters()] + \
-            [(f"adapters.{n}", p) for n, p in room.adapters.named_parameters()]
-    params = [p for _, p in named]
+    named = list(student.named_parameters()) + [(f"adapters.{n}", p) for n, p in room.adapters.named_parameters()]
+    names, params = [n for n, _ in named], [p for _, p in named]
     opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     total = max(s.epochs * len(train), 1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
@@ -166,19 +165,17 @@ def kdp(
             if measure:
                 # a policy that does not distil still gets a distillability curve, with unit weights
                 kd_signal = kd if w.distils() else lesson.kd_logit + lesson.kd_feat.sum()
-                g_ce = torch.autograd.grad(lesson.ce, params, retain_graph=True, allow_unused=True)
-                g_kd = torch.autograd.grad(kd_signal, params, allow_unused=True)
-                for p, a, b in zip(params, g_ce, g_kd):
-                    a = torch.zeros_like(p) if a is None else a
-                    p.grad = a + b if (b is not None and w.distils()) else a
-                by_name = {n: (a if a is not None else torch.zeros_like(p)) for (n, p), a in zip(named, g_ce)}
-                kd_by_name = {n: (b if b is not None else torch.zeros_like(p)) for (n, p), b in zip(named, g_kd)}
+                g_ce = dict(zip(names, torch.autograd.grad(lesson.ce, params, retain_graph=True,
+                                                           materialize_grads=True)))
+                g_kd = dict(zip(names, torch.autograd.grad(kd_signal, params, materialize_grads=True)))
                 tracker.update(Signals(
-                    distillability=distillability([_grad_rows(kd_by_name, g) for g in groups],
-                                                  [_grad_rows(by_name, g) for g in groups]),
+                    distillability=distillability([_grad_rows(g_kd, g) for g in groups],
+                                                  [_grad_rows(g_ce, g) for g in groups]),
                     sparsity=sparsity(student, groups), admm_gap=admm.gap(student),
                     keep_ratio=admm.keep_ratio(), progress=it / total,
                     ce=lesson.ce.item(), kd=kd_signal.item()))
+                for n, p in zip(names, params):
+                    p.grad = g_ce[n] + g_kd[n] if w.distils() else g_ce[n]
             else:
                 (lesson.ce + kd).backward()
             # 4. the ADMM pull towards the sparse copy Z, then the SGD step

@@ -91,3 +91,73 @@ def test_a_student_of_another_architecture_learns_through_adapters(dirs):
     assert summary["params"]["student"] < count_params(lis.models.create("resnet20", 10))
     steps = kdp_steps(records)
     assert len(steps[0]["distillability"]) == len([r for r in records if "layer_names" in r][0]["layer_names"])
+
+
+def _tiny_school(seed=0):
+    import copy
+
+    from lis.admm import ADMMState
+    from lis.groups import CostModel, find_groups
+    from lis.school import Classroom
+
+    torch.manual_seed(seed)
+    teacher = lis.models.create("mnist1d_cnn", 10).eval()
+    student = copy.deepcopy(teacher).train()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    example = torch.zeros(2, 1, 40)
+    groups = find_groups(student, example)
+    admm = ADMMState(student, groups, CostModel(student, groups, example), {"macs": 0.5}, 0.1)
+    names = [g.name for g in groups]
+    room = Classroom(teacher, student, names, names, example, temperature=4.0)
+    batch = (torch.randn(32, 1, 40), torch.randint(0, 10, (32,)))
+    return student, room, groups, admm, batch
+
+
+def _iterations(student, room, groups, admm, batches, signals_interval):
+    from lis.policy import FixedPolicy
+    from lis.school import KDPSettings, kdp
+
+    records = []
+    settings = KDPSettings(epochs=1, lr=0.1, momentum=0.0, weight_decay=0.0, admm_interval=100,
+                           signals_interval=signals_interval, ema=0.9, meta_interval=100)
+    kdp(student, room, groups, admm, FixedPolicy(0.7, 0.3, 1e-2), batches, batches, torch.device("cpu"),
+        settings, records.append)
+    return records
+
+
+def test_logged_distillability_equals_separate_backward_passes():
+    """Independent computation: two separate backward passes on a copy, cosine by hand per group."""
+    import copy
+
+    import numpy as np
+
+    student, room, groups, admm, (x, y) = _tiny_school()
+    reference = copy.deepcopy(student)
+    records = _iterations(student, room, groups, admm, [(x, y)], signals_interval=1)
+    logged = next(r for r in records if "distillability" in r)["distillability"]
+
+    lesson = room.lesson(reference, x, y)
+    kd = 0.7 * lesson.kd_logit + 0.3 * lesson.kd_feat.sum()
+    params = dict(reference.named_parameters())
+    grads = {}
+    for label, loss in (("ce", lesson.ce), ("kd", kd)):
+        reference.zero_grad()
+        loss.backward(retain_graph=True)
+        grads[label] = {n: p.grad.detach().clone() for n, p in params.items()}
+    for value, g in zip(logged, groups):
+        a = np.concatenate([grads["kd"][n].movedim(d, 0).reshape(-1).numpy() for n, d in g.out_slices])
+        b = np.concatenate([grads["ce"][n].movedim(d, 0).reshape(-1).numpy() for n, d in g.out_slices])
+        assert value == pytest.approx(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)), abs=1e-5)
+
+
+def test_a_measured_iteration_updates_like_a_plain_one():
+    """The update built from the two measured gradients equals one backward of CE + KD (no third pass)."""
+    (plain, *rest_a, batch), (measured, *rest_b, _) = _tiny_school(), _tiny_school()
+    second = (torch.randn(32, 1, 40), torch.randint(0, 10, (32,)))
+    records = _iterations(plain, *rest_a, [batch, second], signals_interval=2)  # iteration 1 is plain
+    assert [r["iter"] for r in records if "distillability" in r] == [1]
+    _iterations(measured, *rest_b, [batch, second], signals_interval=1)  # both iterations measured
+    for (n, a), b in zip(plain.named_parameters(), measured.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
