@@ -31,7 +31,7 @@ class ConfigError(LISError):
 class RunConfig:
     name: str = "run"  #: run directory name under ``dir``
     dir: str = "runs"  #: parent folder of run directories (and of the teacher cache)
-    seed: int = 0  #: seeds python, numpy and torch; also the meta split
+    seed: int = 0  #: seeds python, numpy, torch and the batch order (not the teacher or the meta split)
     device: str = "auto"  #: ``auto`` (cuda when present), ``cpu``, ``cuda``, ``cuda:N``
 
 
@@ -56,6 +56,7 @@ class ModelConfig:
 @dataclass
 class TeacherConfig:
     checkpoint: Optional[str] = None  #: use this trained teacher instead of training one
+    seed: int = 0  #: the teacher's own seed: runs with other run.seed values share one teacher
     epochs: int = 30
     lr: float = 0.1
     momentum: float = 0.9

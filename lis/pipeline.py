@@ -36,7 +36,9 @@ from lis.teacher import get_teacher, save_teacher, teacher_key, train_teacher
 
 def load_data(cfg: Config) -> tuple[Splits, Loaders]:
     d = cfg.data
-    splits = build_splits(d.name, d.root, download=d.download, meta_fraction=d.meta_fraction, seed=cfg.run.seed,
+    # the meta split is carved with a fixed seed (DESIGN.md section 6): every run and its teacher see the same
+    # training set, whatever run.seed; run.seed orders the batches
+    splits = build_splits(d.name, d.root, download=d.download, meta_fraction=d.meta_fraction, seed=0,
                           image_size=d.image_size, num_classes=d.num_classes, fake_size=d.fake_size)
     return splits, make_loaders(splits, d.batch_size, d.num_workers, seed=cfg.run.seed)
 

@@ -1,8 +1,9 @@
 """Teachers: train, save, load, and cache them by what determines them.
 
-A teacher depends on the data, the architecture, its own training section and
-the seed; ``teacher_key`` hashes exactly those, so a compress or compare run
-with the same sections reuses ``<run.dir>/teachers/<key>.pt`` instead of
+A teacher depends on the data, the architecture and its own training section
+(including ``teacher.seed``, not ``run.seed``: the seeds of a comparison share
+one teacher); ``teacher_key`` hashes exactly those, so a compress or compare
+run with the same sections reuses ``<run.dir>/teachers/<key>.pt`` instead of
 training again. ``teacher.checkpoint`` points at an existing teacher instead.
 """
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from lis import models
 from lis.config import Config
-from lis.data import Loaders, Splits
+from lis.data import Loaders, Splits, make_loaders
 from lis.errors import LISError
 from lis.run import atomic_save, seed_everything
 from lis.train import evaluate, fit
@@ -32,8 +33,7 @@ def teacher_key(cfg: Config) -> str:
     """A short hash of the config sections that determine the trained teacher."""
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _DATA_IRRELEVANT}
     teacher = {k: v for k, v in dataclasses.asdict(cfg.teacher).items() if k != "checkpoint"}
-    blob = json.dumps({"data": data, "model": cfg.model.name, "teacher": teacher, "seed": cfg.run.seed},
-                      sort_keys=True)
+    blob = json.dumps({"data": data, "model": cfg.model.name, "teacher": teacher}, sort_keys=True)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
     return f"{cfg.model.name.replace(':', '-')}-{cfg.data.name}-{digest}"
 
@@ -65,11 +65,15 @@ def load_teacher(path: str | Path, model_name: str, num_classes: int) -> tuple[n
 
 def train_teacher(cfg: Config, splits: Splits, loaders: Loaders, device: torch.device,
                   log: Optional[Callable[[dict], None]] = None) -> tuple[nn.Module, float]:
-    """Train a fresh teacher from the ``teacher`` section; returns it and its test accuracy."""
-    seed_everything(cfg.run.seed)
-    model = models.create(cfg.model.name, splits.num_classes).to(device)
+    """Train a fresh teacher from the ``teacher`` section; returns it and its test accuracy.
+
+    Initialisation and data order follow ``teacher.seed`` only.
+    """
     t = cfg.teacher
-    metrics = fit(model, loaders.train, loaders.test, device, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
+    seed_everything(t.seed)
+    model = models.create(cfg.model.name, splits.num_classes).to(device)
+    train = make_loaders(splits, cfg.data.batch_size, cfg.data.num_workers, seed=t.seed).train
+    metrics = fit(model, train, loaders.test, device, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
                   weight_decay=t.weight_decay, schedule=t.schedule, label_smoothing=t.label_smoothing,
                   log=log, desc="teacher")
     return model, metrics["acc"]

@@ -50,14 +50,14 @@ def test_teacher_key_is_stable_for_equal_configs(tmp_path):
     assert teacher_key(digits_cfg(tmp_path)) == teacher_key(digits_cfg(tmp_path, "run.seed=0"))
 
 
-@pytest.mark.parametrize("override", ["teacher.epochs=2", "model.name=mnist1d_cnn", "run.seed=1",
+@pytest.mark.parametrize("override", ["teacher.epochs=2", "model.name=mnist1d_cnn", "teacher.seed=1",
                                       "data.batch_size=32"])
 def test_teacher_key_changes_with_what_determines_the_teacher(tmp_path, override):
     assert teacher_key(digits_cfg(tmp_path, override)) != teacher_key(digits_cfg(tmp_path))
 
 
 @pytest.mark.parametrize("override", ["data.root=/somewhere/else", "data.num_workers=2",
-                                      "teacher.checkpoint=some/teacher.pt"])
+                                      "teacher.checkpoint=some/teacher.pt", "run.seed=1"])
 def test_teacher_key_ignores_what_does_not(tmp_path, override):
     assert teacher_key(digits_cfg(tmp_path, override)) == teacher_key(digits_cfg(tmp_path))
 
