@@ -78,6 +78,20 @@ def new_run_dir(cfg: Config, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+def wandb_scalars(record: dict, layer_names: list[str]) -> dict:
+    """What wandb gets of a metrics record: its numbers, and each per-layer list as one key per layer
+    (``distillability/<layer>``), so wandb draws every layer's curve."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, bool) or key == "layer_names":
+            continue
+        if isinstance(value, (int, float)):
+            out[key] = value
+        elif isinstance(value, list) and len(value) == len(layer_names) and layer_names:
+            out.update({f"{key}/{name}": v for name, v in zip(layer_names, value)})
+    return out
+
+
 class MetricsLog:
     """Appends one JSON object per call to ``metrics.jsonl`` and mirrors it to wandb."""
 
@@ -85,6 +99,7 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = self.path.open("a")
         self._wandb = None
+        self.layer_names: list[str] = []
         if cfg.tracking.wandb != "disabled":
             import wandb
 
@@ -101,9 +116,16 @@ class MetricsLog:
     def log(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        self.layer_names = record.get("layer_names", self.layer_names)
         if self._wandb is not None:
-            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-            self._wandb.log(scalars)
+            self._wandb.log(wandb_scalars(record, self.layer_names))
+
+    def log_images(self, paths: Iterable[Path]) -> None:
+        """Log PNGs (the run's plots) to wandb as images, one key per file name."""
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({f"plots/{Path(p).stem}": wandb.Image(str(p)) for p in paths})
 
     def close(self) -> None:
         self._file.close()
