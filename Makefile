@@ -16,7 +16,7 @@ $(BIN)/lis: pyproject.toml
 install: $(BIN)/lis
 
 demo: $(BIN)/lis
-	WANDB_MODE=offline $(BIN)/lis compress experiments/mnist1d.yaml policy.name=dean --overwrite
+	WANDB_MODE=offline $(BIN)/lis demo
 
 test: $(BIN)/lis
 	WANDB_MODE=offline $(BIN)/python -m pytest -q

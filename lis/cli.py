@@ -32,6 +32,40 @@ def _compress(args: argparse.Namespace) -> None:
     compress(load_config(args.config, args.overrides), overwrite=args.overwrite)
 
 
+def _csv(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from lis.compare import compare
+
+    compare(args.config, args.policies, args.seeds, args.overrides, args.sweep, args.name)
+
+
+DEMO_CONFIG = "experiments/demo.yaml"
+DEMO_POLICIES = ["dean", "fixed", "prune_only", "l1_prune"]
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from lis.compare import compare
+
+    config = Path(__file__).resolve().parents[1] / DEMO_CONFIG
+    if args.quick:
+        compare(config, DEMO_POLICIES, [0], ["teacher.epochs=10", "kdp.epochs=3", "finetune.epochs=2"]
+                + args.overrides, name="demo-quick")
+    else:
+        compare(config, DEMO_POLICIES, [0, 1, 2], args.overrides, name="demo")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lis", description="LIS (Learning-in-School): distillation + ADMM pruning steered by a meta-learned dean.")
@@ -45,6 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
                                    "policy named by policy.name; writes runs/<run.name>/.")
     _add_config_args(p)
     p.set_defaults(func=_compress)
+
+    p = sub.add_parser("compare", help="run policies x seeds of one config and compare them (mean ± std, dean vs best)",
+                       description="Compress CONFIG with every policy and seed into <run.dir>/<name>/ and write "
+                                   "comparison.csv, comparison.md (mean ± std over seeds, dean minus the best "
+                                   "baseline with a 95%% CI) and plots/acc_vs_macs.png. Finished runs are skipped, "
+                                   "so an interrupted comparison continues where it stopped.")
+    p.add_argument("config", help="YAML config file (see experiments/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config field (all runs)")
+    p.add_argument("--policies", type=_csv, default="dean,fixed,prune_only,l1_prune", metavar="P1,P2,...",
+                   help="comma-separated policy names (default: dean,fixed,prune_only,l1_prune)")
+    p.add_argument("--seeds", type=_seeds, default="0,1,2", metavar="S1,S2,...",
+                   help="comma-separated run.seed values (default: 0,1,2)")
+    p.add_argument("--sweep", action="append", default=[], metavar="section.key=V1,V2,...",
+                   help="values to try for the fixed policy, each its own row; repeat for a grid")
+    p.add_argument("--name", default=None, help="comparison folder under run.dir (default: compare-<config stem>)")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("demo", help="the embedded demo: dean vs baselines on MNIST-1D, 3 seeds, ~10 min on a CPU",
+                       description=f"Compare {', '.join(DEMO_POLICIES)} on MNIST-1D at a 90%% MACs cut "
+                                   f"({DEMO_CONFIG}), three seeds, and print the table. --quick: one seed, "
+                                   f"short schedules, about a minute.")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config field")
+    p.add_argument("--quick", action="store_true", help="one seed and short schedules (about a minute)")
+    p.set_defaults(func=_demo)
     return parser
 
 

@@ -1,0 +1,332 @@
+"""``lis compare``: does the dean beat fixed weights, by how much, at what cost?
+
+Runs every (policy, seed) pair of one config through ``lis.pipeline.compress``
+into one comparison directory ``<run.dir>/<name>/<label>-s<seed>/`` and
+writes there
+
+- ``comparison.csv`` — one row per run (accuracies are fractions; params,
+  MACs and latency are the pruned student's; MACs are per sample);
+- ``comparison.md`` — per label mean ± sample std over seeds, and the paired
+  difference "dean minus the best baseline" with a 95% t interval;
+- ``plots/acc_vs_macs.png`` — accuracy against MACs, one point per run.
+
+All runs keep ``run.dir``, so they share the teacher cache ``<run.dir>/teachers/``;
+the teacher is seeded by ``teacher.seed``, not ``run.seed``, so every run of a
+comparison distils from the same teacher (DESIGN.md section 4). A pair whose
+``summary.json`` exists is skipped, so an interrupted comparison continues
+where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import yaml
+
+from lis import pipeline
+from lis.config import Config, load_config, to_yaml
+from lis.errors import LISError
+
+#: policies that ``--sweep`` varies: the fixed-weight baseline, whose constants are the sweep's subject
+SWEPT = ("fixed",)
+#: keys the comparison sets itself, and the option that sets them
+SET_BY_COMPARE = {"policy.name": "--policies", "run.seed": "--seeds", "run.name": "--name"}
+#: per-run numbers of ``comparison.csv``, after label, policy and seed
+COLUMNS = ("student_acc", "teacher_acc", "params", "macs", "params_reduction", "macs_reduction", "latency_ms",
+           "wall_time_s")
+#: what ``aggregate`` averages over seeds
+METRICS = ("student_acc", "params", "macs", "params_reduction", "macs_reduction", "latency_ms", "wall_time_s")
+DEAN = "dean"
+
+
+# --- numbers (pure) ----------------------------------------------------------------------------------
+
+
+def aggregate(rows: Sequence[Mapping]) -> list[dict]:
+    """Per label, in order of first appearance: ``label``, ``policy``, ``n`` (seeds), ``teacher_acc_mean``
+    and ``<metric>_mean`` / ``<metric>_std`` for each of ``METRICS``.
+
+    The std is the sample std (n - 1); with one seed it is 0. Units are those of the rows
+    (accuracies as fractions).
+    """
+    groups: dict[str, list[Mapping]] = {}
+    for row in rows:
+        groups.setdefault(row["label"], []).append(row)
+    out = []
+    for label, group in groups.items():
+        agg = {"label": label, "policy": group[0]["policy"], "n": len(group),
+               "teacher_acc_mean": statistics.fmean(float(r["teacher_acc"]) for r in group)}
+        for m in METRICS:
+            values = [float(r[m]) for r in group]
+            agg[f"{m}_mean"] = statistics.fmean(values)
+            agg[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(agg)
+    return out
+
+
+def paired_difference(rows: Sequence[Mapping], a_label: str, b_label: str) -> dict:
+    """Student accuracy of ``a_label`` minus ``b_label``, paired by seed over the seeds both have.
+
+    Returns ``mean``, ``lo``, ``hi`` (the 95% confidence interval of the mean difference from the t
+    distribution with n - 1 degrees of freedom) and ``n``; fractions, like the accuracies. With one
+    common seed the interval is undefined (``lo`` = ``hi`` = nan); with none, the mean is nan too.
+    """
+    a = {int(r["seed"]): float(r["student_acc"]) for r in rows if r["label"] == a_label}
+    b = {int(r["seed"]): float(r["student_acc"]) for r in rows if r["label"] == b_label}
+    diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
+    n = len(diffs)
+    if n == 0:
+        return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
+    mean = statistics.fmean(diffs)
+    if n == 1:
+        return {"mean": mean, "lo": math.nan, "hi": math.nan, "n": 1}
+    from scipy import stats  # scipy comes with scikit-learn; imported here so `lis --help` stays fast
+
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
+
+
+def best_baseline(aggregated: Sequence[Mapping]) -> str | None:
+    """The non-dean label with the highest mean student accuracy (None if there is none)."""
+    baselines = [a for a in aggregated if a["label"] != DEAN]
+    return max(baselines, key=lambda a: a["student_acc_mean"])["label"] if baselines else None
+
+
+def _count(mean: float, std: float) -> str:
+    """A count (params, MACs) as ``mean ± std`` in one unit: 1.23 M, 45.6 k or plain."""
+    scale, unit = next(((s, u) for s, u in ((1e9, " G"), (1e6, " M"), (1e3, " k")) if mean >= s), (1, ""))
+    digits = 0 if scale == 1 else 2
+    return f"{_pm(mean / scale, std / scale, digits)}{unit}"
+
+
+def _pm(mean: float, std: float, digits: int) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std else f"{mean:.{digits}f} ±0"
+
+
+def format_table(aggregated: Sequence[Mapping]) -> str:
+    """The aggregated comparison as a markdown table: mean ± std over seeds, accuracy in percent."""
+    lines = ["| label | seeds | student accuracy (%) | params | MACs | MACs reduction (%) | latency (ms) "
+             "| wall time (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for a in aggregated:
+        lines.append(
+            f"| `{a['label']}` | {a['n']} | {_pm(100 * a['student_acc_mean'], 100 * a['student_acc_std'], 2)} "
+            f"| {_count(a['params_mean'], a['params_std'])} | {_count(a['macs_mean'], a['macs_std'])} "
+            f"| {_pm(100 * a['macs_reduction_mean'], 100 * a['macs_reduction_std'], 1)} "
+            f"| {_pm(a['latency_ms_mean'], a['latency_ms_std'], 2)} "
+            f"| {_pm(a['wall_time_s_mean'], a['wall_time_s_std'], 1)} |")
+    return "\n".join(lines)
+
+
+def format_difference(diff: Mapping, a_label: str, b_label: str) -> str:
+    """One sentence for ``paired_difference``, in percentage points."""
+    head = f"`{a_label}` minus the best baseline `{b_label}`, paired by seed"
+    if diff["n"] == 0:
+        return f"{head}: no seed in common, no paired difference."
+    mean = f"{100 * diff['mean']:+.2f} percentage points"
+    if diff["n"] == 1:
+        return f"{head}: {mean} (one seed: the confidence interval is undefined; run more seeds)."
+    return (f"{head}: {mean}, 95% CI [{100 * diff['lo']:+.2f}, {100 * diff['hi']:+.2f}] "
+            f"(t distribution, {diff['n']} paired seeds).")
+
+
+# --- planning: labels, sweeps, validation ------------------------------------------------------------
+
+
+def parse_sweep(text: str) -> tuple[str, list[str]]:
+    """``"policy.alpha=0.5,1,2"`` -> ``("policy.alpha", ["0.5", "1", "2"])``; the key is checked by the caller."""
+    key, sep, raw = text.partition("=")
+    values = [v.strip() for v in raw.split(",") if v.strip()]
+    if not sep or not key.strip() or not values:
+        raise LISError(f"--sweep '{text}' is not of the form section.key=v1,v2,... (e.g. policy.alpha=0.5,1,2)")
+    return key.strip(), values
+
+
+def _safe(text: str) -> str:
+    """Text as part of a folder name: anything but letters, digits and ._=+- becomes '_'."""
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", text)
+
+
+def _plan(config_path: str | Path, policies: Sequence[str], seeds: Sequence[int], overrides: Sequence[str],
+          sweeps: Sequence[str], name: str) -> list[tuple[str, str, int, Config]]:
+    """Every run of the comparison as ``(label, policy, seed, cfg)``; every user mistake raises here,
+    before anything runs."""
+    overrides = list(overrides)
+    load_config(config_path, overrides)  # the config and the overrides on their own
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if key in SET_BY_COMPARE:
+            raise LISError(f"override '{text}': a comparison sets {key} itself, use {SET_BY_COMPARE[key]}")
+    if not policies:
+        raise LISError("no policies to compare: give e.g. --policies fixed,prune_only,dean")
+    if not seeds:
+        raise LISError("no seeds: give e.g. --seeds 0,1,2")
+    if name in ("", ".", "..") or "/" in name or name == "teachers":
+        raise LISError(f"comparison name {name!r} must be a plain folder name, without '/', and not 'teachers'")
+
+    grid: list[tuple[str, list[str]]] = []
+    for text in sweeps:
+        key, values = parse_sweep(text)
+        if key in SET_BY_COMPARE or key == "run.dir":
+            raise LISError(f"--sweep '{text}': {key} cannot be swept; the comparison sets it")
+        if key in (k for k, _ in grid):
+            raise LISError(f"--sweep '{text}': {key} is swept twice, give all its values in one --sweep")
+        for v in values:
+            load_config(config_path, overrides + [f"{key}={v}"])
+        grid.append((key, values))
+    if grid and not any(p in SWEPT for p in policies):
+        raise LISError(f"--sweep varies the {', '.join(SWEPT)} policy but --policies has none: add it")
+
+    # every policy must be one compress accepts; build each, so a wrong name fails now, not after hours
+    for p in policies:
+        pipeline.build_policy(load_config(config_path, overrides + [f"policy.name={p}"]))
+
+    runs = []
+    for p in policies:
+        variants = [[]]
+        if p in SWEPT and grid:
+            variants = [[f"{k}={v}" for k, v in zip((k for k, _ in grid), combo)]
+                        for combo in itertools.product(*(values for _, values in grid))]
+        for extra in variants:
+            label = f"{p}[{','.join(extra)}]" if extra else p
+            for seed in seeds:
+                cfg = load_config(config_path, overrides + extra + [f"policy.name={p}", f"run.seed={seed}"])
+                # set after validation, which allows only plain run names: this run lives inside the comparison
+                # directory, while run.dir (and with it the teacher cache) stays the same for every run
+                cfg.run.name = f"{name}/{_safe(p + ''.join('__' + e for e in extra))}-s{seed}"
+                runs.append((label, p, seed, cfg))
+    return runs
+
+
+def _check_same_config(run_dir: Path, cfg: Config) -> None:
+    """A finished run counts for this comparison only if it ran this config (tracking and run.dir aside)."""
+    path = run_dir / "config.yaml"
+    stored = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    expected = yaml.safe_load(to_yaml(cfg))
+    for section, values in expected.items():
+        for key, value in values.items():
+            if section == "tracking" or (section == "run" and key == "dir"):
+                continue
+            old = (stored.get(section) or {}).get(key)
+            if old != value:
+                raise LISError(f"{run_dir} was run with {section}.{key}={old!r}, this comparison has {value!r}: "
+                               f"use --name for a new comparison or delete {run_dir}")
+
+
+# --- running and writing ----------------------------------------------------------------------------
+
+
+def row_from_summary(label: str, summary: Mapping) -> dict:
+    """One ``comparison.csv`` row from a run's ``summary.json`` (params, MACs, latency: the student's)."""
+    return {"label": label, "policy": summary["policy"], "seed": summary["seed"],
+            "student_acc": summary["student_acc"], "teacher_acc": summary["teacher_acc"],
+            "params": summary["params"]["student"], "macs": summary["macs"]["student"],
+            "params_reduction": summary["params_reduction"], "macs_reduction": summary["macs_reduction"],
+            "latency_ms": summary["latency_ms"]["student"], "wall_time_s": summary["wall_time_s"]}
+
+
+def compare(config_path: str | Path, policies: Sequence[str], seeds: Sequence[int], overrides: Sequence[str] = (),
+            sweeps: Sequence[str] = (), name: str | None = None) -> Path:
+    """Run every (policy[, sweep value], seed) of ``config_path`` and write the comparison; returns its directory.
+
+    ``sweeps`` are ``"section.key=v1,v2,..."`` strings; several make a grid, and each combination is its own
+    label ``fixed[policy.alpha=0.5]`` for the ``fixed`` policy (the other policies run once per seed).
+    """
+    policies, seeds = list(dict.fromkeys(policies)), list(dict.fromkeys(seeds))
+    name = name or f"compare-{Path(config_path).stem}"
+    runs = _plan(config_path, policies, seeds, overrides, sweeps, name)
+    cmp_dir = Path(runs[0][3].run.dir) / name
+
+    rows = []
+    for i, (label, policy, seed, cfg) in enumerate(runs, 1):
+        run_dir = Path(cfg.run.dir) / cfg.run.name
+        done = (run_dir / "summary.json").is_file()
+        print(f"[{i}/{len(runs)}] {label} seed {seed} {'skip (done)' if done else '...'}", flush=True)
+        if done:
+            _check_same_config(run_dir, cfg)
+        else:
+            # an unfinished run (interrupted before its summary) starts again from scratch
+            run_dir = pipeline.compress(cfg, overwrite=True)
+        rows.append(row_from_summary(label, json.loads((run_dir / "summary.json").read_text())))
+
+    aggregated = aggregate(rows)
+    write_csv(cmp_dir / "comparison.csv", rows)
+    write_markdown(cmp_dir / "comparison.md", name, config_path, overrides, seeds, rows, aggregated)
+    plot_acc_vs_macs(cmp_dir / "plots" / "acc_vs_macs.png", rows)
+    print(format_table(aggregated))
+    print(f"comparison: {cmp_dir / 'comparison.md'}")
+    return cmp_dir
+
+
+def write_csv(path: Path, rows: Sequence[Mapping]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["label", "policy", "seed", *COLUMNS])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_markdown(path: Path, name: str, config_path: str | Path, overrides: Sequence[str], seeds: Sequence[int],
+                   rows: Sequence[Mapping], aggregated: Sequence[Mapping]) -> None:
+    teacher = statistics.fmean(float(r["teacher_acc"]) for r in rows)
+    lines = [
+        f"# LIS comparison `{name}`",
+        "",
+        f"Config `{config_path}`" + (f" with `{' '.join(overrides)}`" if overrides else "")
+        + f"; seeds {', '.join(map(str, seeds))}; teacher test accuracy {100 * teacher:.2f}%.",
+        "",
+        format_table(aggregated),
+        "",
+        "Student accuracy is the pruned student's accuracy on the test split after the last epoch, in percent; "
+        "nothing was selected on the test split (no epoch, checkpoint or run). Each cell is the mean ± sample "
+        "std (n - 1) over seeds. Params, MACs (multiply-accumulates per sample) and CPU latency (median, per "
+        "batch) are the pruned student's; MACs reduction is 1 - student/teacher. A run's wall time includes "
+        "training the teacher if that run was the first to need it (later runs load it from the cache).",
+    ]
+    best = best_baseline(aggregated)
+    if any(a["label"] == DEAN for a in aggregated) and best is not None:
+        diff = paired_difference(rows, DEAN, best)
+        lines += ["", format_difference(diff, DEAN, best),
+                  "", "The best baseline is the one with the highest mean test accuracy; choosing it on the test "
+                  "split favours the baseline, so this difference, if anything, understates the dean."]
+    lines += ["", "Per run: `comparison.csv`; plot: `plots/acc_vs_macs.png`."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_acc_vs_macs(path: Path, rows: Sequence[Mapping]) -> None:
+    """Accuracy (%) against the student's MACs (millions): every run a point, each label's mean with error bars,
+    the teacher as a dashed line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    markers = "osD^v<>pP*hX"
+    for i, a in enumerate(aggregate(rows)):
+        style = {"color": f"C{i % 10}", "marker": markers[i % len(markers)]}
+        runs = [r for r in rows if r["label"] == a["label"]]
+        ax.scatter([r["macs"] / 1e6 for r in runs], [100 * r["student_acc"] for r in runs], alpha=0.35,
+                   edgecolors="none", **style)
+        ax.errorbar(a["macs_mean"] / 1e6, 100 * a["student_acc_mean"], xerr=a["macs_std"] / 1e6,
+                    yerr=100 * a["student_acc_std"], capsize=3, markersize=8, linestyle="none",
+                    label=f"{a['label']} (n={a['n']})", **style)
+    teacher = statistics.fmean(float(r["teacher_acc"]) for r in rows)
+    ax.axhline(100 * teacher, color="gray", linestyle="--", label=f"teacher ({100 * teacher:.2f}%)")
+    macs = [r["macs"] for r in rows]
+    if min(macs) > 0 and max(macs) / min(macs) > 10:
+        ax.set_xscale("log")
+    ax.set_xlabel("student MACs per sample (millions)")
+    ax.set_ylabel("student test accuracy (%)")
+    ax.set_title("accuracy vs MACs (points: seeds; markers with bars: mean ± std)", fontsize="medium")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
