@@ -170,3 +170,28 @@ def test_overwrite_replaces_an_existing_run_directory(tmp_path, capsys, digits):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["model"] == "digits_cnn" and 0.0 <= summary["teacher_acc"] <= 1.0
     assert "test accuracy" in out
+
+
+def test_overrides_may_follow_options(monkeypatch):
+    import lis.compare
+    from lis.cli import main
+
+    seen = {}
+    monkeypatch.setattr(lis.compare, "compare", lambda *a: seen.setdefault("args", a))
+    assert main(["compare", "c.yaml", "kdp.epochs=2", "--seeds", "0,1", "--policies", "dean,fixed",
+                 "data.root=/x", "--sweep", "policy.alpha=1,2"]) == 0
+    config, policies, seeds, overrides, sweeps, name = seen["args"]
+    assert (config, policies, seeds, sweeps, name) == ("c.yaml", ["dean", "fixed"], [0, 1], ["policy.alpha=1,2"], None)
+    assert overrides == ["kdp.epochs=2", "data.root=/x"]
+
+
+def test_demo_runs_the_documented_comparison(monkeypatch):
+    import lis.compare
+    from lis.cli import DEMO_POLICIES, main
+
+    calls = []
+    monkeypatch.setattr(lis.compare, "compare", lambda *a, **kw: calls.append((a, kw)))
+    assert main(["demo"]) == 0 and main(["demo", "--quick"]) == 0
+    (full, full_kw), (quick, quick_kw) = calls
+    assert str(full[0]).endswith("experiments/demo.yaml") and full[1] == DEMO_POLICIES and full[2] == [0, 1, 2]
+    assert quick[2] == [0] and quick_kw["name"] == "demo-quick"
