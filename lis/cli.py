@@ -49,6 +49,20 @@ def _compare(args: argparse.Namespace) -> None:
     compare(args.config, args.policies, args.seeds, args.overrides, args.sweep, args.name)
 
 
+def _plot(args: argparse.Namespace) -> None:
+    from lis.plots import plot
+
+    plot(args.run_dirs, args.out)
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from lis.config import load_config
+    from lis.probe import probe
+
+    probe(load_config(args.config, args.overrides), epochs=args.epochs, max_drop=args.max_drop,
+          overwrite=args.overwrite)
+
+
 DEMO_CONFIG = "experiments/demo.yaml"
 DEMO_POLICIES = ["dean", "fixed", "prune_only", "l1_prune"]
 
@@ -95,6 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="values to try for the fixed policy, each its own row; repeat for a grid")
     p.add_argument("--name", default=None, help="comparison folder under run.dir (default: compare-<config stem>)")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("plot", help="draw runs' figures: distillability, sparsity, ADMM gap, weights, channels kept",
+                       description="Draw the figures of each RUN_DIR into RUN_DIR/plots/ (or --out for a single "
+                                   "run). With several runs, also overlay them (mean and per-layer distillability "
+                                   "against training progress, accuracy vs MACs) into --out, by default <their "
+                                   "common parent>/plots.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory written by 'lis compress'")
+    p.add_argument("--out", default=None, metavar="DIR", help="where the overlays (or a single run's figures) go")
+    p.set_defaults(func=_plot)
+
+    p = sub.add_parser("probe", help="per-layer distillability and sparsability of a teacher, without a dean",
+                       description="Teach a copy of CONFIG's teacher by plain distillation for a few epochs, "
+                                   "measuring distillability per layer, and prune each layer alone at ratios "
+                                   "0.1..0.9 to find its sparsability (the largest ratio within --max-drop of the "
+                                   "teacher's accuracy). Writes probe.json and two figures into "
+                                   "<run.dir>/<run.name>-probe/.")
+    _add_config_args(p)
+    p.add_argument("--max-drop", type=float, default=0.01, metavar="FRACTION",
+                   help="accuracy drop a layer's sparsability allows, as a fraction (default: 0.01, one point)")
+    p.add_argument("--epochs", type=int, default=3,
+                   help="epochs of plain distillation for the distillability curves, at most kdp.epochs")
+    p.set_defaults(func=_probe)
 
     p = sub.add_parser("demo", help="the embedded demo: dean vs baselines on MNIST-1D, 3 seeds, ~10 min on a CPU",
                        description=f"Compare {', '.join(DEMO_POLICIES)} on MNIST-1D at a 90%% MACs cut "

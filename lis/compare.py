@@ -33,6 +33,7 @@ import yaml
 from lis import pipeline
 from lis.config import Config, load_config, to_yaml
 from lis.errors import LISError
+from lis.plots import draw_acc_vs_macs
 
 #: policies that ``--sweep`` varies: the fixed-weight baseline, whose constants are the sweep's subject
 SWEPT = ("fixed",)
@@ -259,7 +260,7 @@ def compare(config_path: str | Path, policies: Sequence[str], seeds: Sequence[in
     aggregated = aggregate(rows)
     write_csv(cmp_dir / "comparison.csv", rows)
     write_markdown(cmp_dir / "comparison.md", name, config_path, overrides, seeds, rows, aggregated)
-    plot_acc_vs_macs(cmp_dir / "plots" / "acc_vs_macs.png", rows)
+    draw_acc_vs_macs(cmp_dir / "plots" / "acc_vs_macs.png", rows)
     print(format_table(aggregated))
     print(f"comparison: {cmp_dir / 'comparison.md'}")
     return cmp_dir
@@ -297,36 +298,3 @@ def write_markdown(path: Path, name: str, config_path: str | Path, overrides: Se
                   "split favours the baseline, so this difference, if anything, understates the dean."]
     lines += ["", "Per run: `comparison.csv`; plot: `plots/acc_vs_macs.png`."]
     path.write_text("\n".join(lines) + "\n")
-
-
-def plot_acc_vs_macs(path: Path, rows: Sequence[Mapping]) -> None:
-    """Accuracy (%) against the student's MACs (millions): every run a point, each label's mean with error bars,
-    the teacher as a dashed line."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.8))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    markers = "osD^v<>pP*hX"
-    for i, a in enumerate(aggregate(rows)):
-        style = {"color": f"C{i % 10}", "marker": markers[i % len(markers)]}
-        runs = [r for r in rows if r["label"] == a["label"]]
-        ax.scatter([r["macs"] / 1e6 for r in runs], [100 * r["student_acc"] for r in runs], alpha=0.35,
-                   edgecolors="none", **style)
-        ax.errorbar(a["macs_mean"] / 1e6, 100 * a["student_acc_mean"], xerr=a["macs_std"] / 1e6,
-                    yerr=100 * a["student_acc_std"], capsize=3, markersize=8, linestyle="none",
-                    label=f"{a['label']} (n={a['n']})", **style)
-    teacher = statistics.fmean(float(r["teacher_acc"]) for r in rows)
-    ax.axhline(100 * teacher, color="gray", linestyle="--", label=f"teacher ({100 * teacher:.2f}%)")
-    macs = [r["macs"] for r in rows]
-    if min(macs) > 0 and max(macs) / min(macs) > 10:
-        ax.set_xscale("log")
-    ax.set_xlabel("student MACs per sample (millions)")
-    ax.set_ylabel("student test accuracy (%)")
-    ax.set_title("accuracy vs MACs (points: seeds; markers with bars: mean ± std)", fontsize="medium")
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)

@@ -25,6 +25,7 @@ from lis.groups import ChannelGroup, CostModel, find_groups
 from lis.dean import create_dean
 from lis.errors import LISError
 from lis.meta import MetaLearner
+from lis.plots import plot_run
 from lis.policy import Policy, create_policy
 from lis.prune import hard_prune
 from lis.report import format_summary, summarize, write_report
@@ -165,8 +166,9 @@ def compress(cfg: Config, overwrite: bool = False) -> Path:
                             time.perf_counter() - start, [g.name for g in groups],
                             [g.num_channels for g in groups], kept)
         log.log({"phase": "summary", **{k: v for k, v in summary.items() if not isinstance(v, (list, dict))}})
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    torch.save(small.cpu(), run_dir / "student.pt")
-    write_report(run_dir, summary)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        torch.save(small.cpu(), run_dir / "student.pt")
+        write_report(run_dir, summary)
+        log.log_images(plot_run(run_dir))
     print(format_summary(summary, run_dir))
     return run_dir

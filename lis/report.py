@@ -74,6 +74,8 @@ def write_report(run_dir: Path, summary: dict) -> None:
         "",
         "Accuracies are on the test split after the last epoch; nothing was selected on the test split.",
         "",
+        "Figures: `plots/` (distillability, sparsity, ADMM gap, the policy's weights, channels kept).",
+        "",
         "## Channels kept per layer",
         "",
         "| layer | before | after |",
