@@ -38,7 +38,7 @@ def _logit(p: float) -> float:
 class Dean(Policy):
     """Per-layer MLP over the signals; see the module docstring for the outputs and bounds."""
 
-    def __init__(self, hidden: int = 32, a_max: float = 2.0, r_min: float = 1e-5, r_max: float = 1e-1,
+    def __init__(self, hidden: int = 32, a_max: float = 2.0, r_min: float = 1e-4, r_max: float = 1.0,
                  init_alpha: float = 1.0, init_alpha_out: float = 1.0, init_rho: float = 1e-3):
         super().__init__()
         self.a_max, self.log_r_min, self.log_r_max = a_max, math.log(r_min), math.log(r_max)

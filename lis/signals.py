@@ -8,7 +8,9 @@ For every channel group l (one "layer" of the dean's view):
   does not distil at all (``prune_only``) it is measured with unit weights so
   the curve still exists. A zero gradient gives d_l = 0.
 - ``sparsity`` s_l: fraction of channels whose group L2 norm is below
-  ``eps`` times the largest channel norm of the group.
+  ``eps`` (default 0.05) times the largest channel norm of the group. ADMM
+  only drives the channels outside Z towards zero asymptotically, so a
+  stricter threshold would read 0 until the hard prune.
 - ``admm_gap`` g_l = ||W_l - Z_l|| / ||W_l||: distance to the sparse target.
 - ``keep_ratio`` k_l / n_l, ``depth`` l / L, ``progress`` t / T and the
   current loss levels log CE, log KD (shared by all layers).
@@ -49,7 +51,7 @@ def distillability(grad_kd: Sequence[torch.Tensor], grad_ce: Sequence[torch.Tens
 
 
 @torch.no_grad()
-def sparsity(model: nn.Module, groups: Sequence[ChannelGroup], eps: float = 1e-3) -> torch.Tensor:
+def sparsity(model: nn.Module, groups: Sequence[ChannelGroup], eps: float = 0.05) -> torch.Tensor:
     """Per-group fraction of channels whose norm is below ``eps`` * the group's largest channel norm."""
     out = []
     for g in groups:
