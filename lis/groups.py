@@ -38,7 +38,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from lis.measure import _eval_mode
+from lis.measure import eval_mode
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LAYER = _CONV + (nn.Linear,)
@@ -91,7 +91,7 @@ def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.Depend
     try:
         for p in frozen:
             p.requires_grad_(True)
-        with _eval_mode(model), torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             # a tuple, because Torch-Pruning would unpack a bare tensor along the batch dimension
             return tp.DependencyGraph().build_dependency(model, (example_input,), verbose=False)
     finally:
@@ -204,7 +204,7 @@ def _output_positions(model: nn.Module, example_input: torch.Tensor) -> dict[str
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, _LAYER)]
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_input)
     finally:
         for h in handles:

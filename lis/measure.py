@@ -27,7 +27,7 @@ def count_params(model: nn.Module) -> int:
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one forward pass of one sample of shape ``input_shape`` (no batch dimension)."""
     x = torch.zeros(1, *input_shape, device=_device(model))
-    with _eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     return counter.get_total_flops() // 2
 
@@ -41,7 +41,7 @@ def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
     """
     x = torch.randn(batch_size, *input_shape)
     times = []
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for i in range(warmup + repeats):
             start = time.perf_counter()
             model(x)
@@ -51,7 +51,7 @@ def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode inside, every submodule's own training flag restored after."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()

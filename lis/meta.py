@@ -42,18 +42,14 @@ LossFn = Callable[[nn.Module, Params, Callable[[torch.Tensor], torch.Tensor]], t
 
 
 def unroll_higher(student: nn.Module, lr: float, unroll: int, step_loss: LossFn, meta_loss: LossFn) -> torch.Tensor:
+    import higher
+
     inner_opt = torch.optim.SGD(student.parameters(), lr=lr)
-    with higher_innerloop_ctx(student, inner_opt) as (fmodel, diffopt):
+    # copy_initial_weights: the unroll starts from copies, so no gradient reaches the real student
+    with higher.innerloop_ctx(student, inner_opt, copy_initial_weights=True) as (fmodel, diffopt):
         for _ in range(unroll):
             diffopt.step(step_loss(fmodel, dict(fmodel.named_parameters()), fmodel))
         return meta_loss(fmodel, dict(fmodel.named_parameters()), fmodel)
-
-
-def higher_innerloop_ctx(student: nn.Module, inner_opt: torch.optim.Optimizer):
-    import higher
-
-    # copy_initial_weights: the unroll starts from copies, so no gradient reaches the real student
-    return higher.innerloop_ctx(student, inner_opt, copy_initial_weights=True, track_higher_grads=True)
 
 
 def unroll_func(student: nn.Module, lr: float, unroll: int, step_loss: LossFn, meta_loss: LossFn) -> torch.Tensor:
