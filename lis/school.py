@@ -50,7 +50,9 @@ class Lesson:
     kd_feat: torch.Tensor
 
     def distillation(self, w: Weights) -> torch.Tensor:
-        return w.alpha_out * self.kd_logit + (w.alpha * self.kd_feat).sum()
+        # a fixed policy's weights live on the CPU; the loss terms live where the model does
+        device = self.kd_feat.device
+        return w.alpha_out.to(device) * self.kd_logit + (w.alpha.to(device) * self.kd_feat).sum()
 
 
 class Classroom(nn.Module):
