@@ -59,7 +59,12 @@ def load_teacher(path: str | Path, model_name: str, num_classes: int) -> tuple[n
                        f"but the config asks for {model_name} with {num_classes}: fix model.name or "
                        f"teacher.checkpoint")
     model = models.create(model_name, num_classes)
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as e:  # missing or extra tensors, other shapes, not a dict
+        raise LISError(f"teacher checkpoint {path} says {model_name} but its weights do not fit one "
+                       f"({type(e).__name__}): retrain it with 'lis train-teacher' or point teacher.checkpoint "
+                       f"elsewhere") from None
     return model, float(ckpt.get("test_acc", float("nan")))
 
 
