@@ -2,6 +2,7 @@
 
 A few cases go through the real console entry (``python -m lis``, ~3-5 s each for
 the imports); the rest call ``lis.cli.main`` in-process, which is what the entry runs.
+Every bad input of docs/errors.md has its case in tests/test_errors.py.
 """
 
 import json
@@ -100,50 +101,6 @@ def test_existing_run_directory_is_kept_through_the_console(tmp_path, digits):
     assert_one_line_error(r.returncode, r.stderr, f"run directory {run_dir} already exists", "--overwrite")
     assert [p.name for p in run_dir.iterdir()] == ["precious.txt"]
     assert (run_dir / "precious.txt").read_text() == "earlier results"
-
-
-@pytest.mark.parametrize("overrides, fragments", [
-    (["teacher.epochs=three"], ["teacher.epochs='three' has the wrong type", "an integer"]),
-    (["teacher.epochs=-1"], ["teacher.epochs=-1 is out of range", ">= 0"]),
-    (["model.name=resnet57"], ["unknown model 'resnet57'", "did you mean 'resnet56'?"]),
-], ids=["wrong-type", "negative-epochs", "unknown-model"])
-def test_bad_overrides(tmp_path, capsys, digits, overrides, fragments):
-    code, _, err = run_main(capsys, "train-teacher", digits, *quiet(tmp_path), "teacher.epochs=0", *overrides)
-    assert_one_line_error(code, err, *fragments)
-
-
-def test_missing_config_file(tmp_path, capsys):
-    missing = tmp_path / "no" / "such.yaml"
-    code, _, err = run_main(capsys, "train-teacher", missing, *quiet(tmp_path))
-    assert_one_line_error(code, err, f"config file {missing} does not exist")
-
-
-def test_missing_dataset_root_without_download(tmp_path, capsys, digits):
-    nope = tmp_path / "nope"
-    code, _, err = run_main(capsys, "train-teacher", digits, *quiet(tmp_path), "data.name=cifar10",
-                            f"data.root={nope}", "model.name=resnet20")
-    assert_one_line_error(code, err, "cifar10 not found", str(nope), "data.download=true")
-    assert not nope.exists() and not (tmp_path / "runs").exists()
-
-
-def test_unknown_policy_for_compress(tmp_path, capsys, digits):
-    code, _, err = run_main(capsys, "compress", digits, *quiet(tmp_path), "policy.name=deen")
-    assert_one_line_error(code, err, "policy.name='deen'", "dean")
-    assert not (tmp_path / "runs").exists()  # refused before anything is written
-
-
-def test_dean_without_a_meta_split(tmp_path, capsys, digits):
-    code, _, err = run_main(capsys, "compress", digits, *quiet(tmp_path), "policy.name=dean",
-                            "data.meta_fraction=0")
-    assert_one_line_error(code, err, "meta split", "data.meta_fraction=0")
-    assert not (tmp_path / "runs").exists()
-
-
-def test_pruning_budget_the_floor_cannot_meet(tmp_path, capsys, digits):
-    code, _, err = run_main(capsys, "compress", digits, *quiet(tmp_path), "teacher.epochs=1", "kdp.epochs=1",
-                            "finetune.epochs=0", "prune.target_macs_reduction=0.99", "prune.min_keep_ratio=0.5")
-    assert_one_line_error(code, err, "pruning budget cannot be met", "prune.min_keep_ratio=0.5", "99.0%")
-    assert not (tmp_path / "runs" / "digits").exists()  # refused before anything was written
 
 
 def test_a_refused_model_name_leaves_no_run_directory(tmp_path, capsys, digits):
