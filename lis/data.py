@@ -20,14 +20,16 @@ offline), ``mnist1d`` (generated offline and cached under ``root``) and
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import random
 import tempfile
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 from torchvision import datasets, transforms as T
 from torchvision.datasets.vision import StandardTransform
 
@@ -101,16 +103,69 @@ def meta_split(n: int, meta_fraction: float, seed: int) -> tuple[list[int], list
     return sorted(perm[n_meta:]), sorted(perm[:n_meta])
 
 
+class EpochSampler(Sampler[int]):
+    """Shuffles anew each epoch, the order of epoch ``e`` rebuilt from ``(seed, e)`` alone.
+
+    Each pass over the sampler is the next epoch. A resumed run calls
+    ``set_epoch(e, start)`` and its next pass is epoch ``e`` from sample
+    ``start`` on: exactly the samples the interrupted run had not seen yet,
+    without loading the ones it had. Without ``shuffle`` the order is ``0..n-1``.
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Make the next pass epoch ``epoch``, from its ``start``-th sample on."""
+        self.epoch, self.start = epoch, start
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        # (seed, epoch) -> a generator seed through SeedSequence, so seed 1 epoch 0 is not seed 0 epoch 1
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order(self.epoch)[self.start:]
+        self.epoch, self.start = self.epoch + 1, 0
+        return iter(order)
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
 def make_loaders(splits: Splits, batch_size: int, num_workers: int = 0, seed: int = 0) -> Loaders:
-    """DataLoaders over ``splits``; the same ``seed`` gives the same train and meta order."""
+    """DataLoaders over ``splits``; the same ``seed`` gives the same train and meta order (an
+    ``EpochSampler`` each: every pass over a loader is its next epoch)."""
     def loader(ds: Dataset, shuffle: bool) -> DataLoader:
-        # A RandomSampler refuses an empty dataset (meta_fraction=0), and it has nothing to shuffle anyway.
-        shuffle = shuffle and len(ds) > 0
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                          generator=torch.Generator().manual_seed(seed) if shuffle else None)
+        return DataLoader(ds, batch_size=batch_size, sampler=EpochSampler(len(ds), seed, shuffle),
+                          num_workers=num_workers)
 
     return Loaders(train=loader(splits.train, True), meta=loader(splits.meta, True),
                    test=loader(splits.test, False))
+
+
+def seek(loader: Iterable, epoch: int, batch: int = 0) -> None:
+    """Make the next pass over ``loader`` epoch ``epoch`` from its ``batch``-th batch on (a resumed run).
+    Any other iterable (a list of batches in a test) is left alone and must start at batch 0."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, EpochSampler):
+        sampler.set_epoch(epoch, batch * loader.batch_size)
+    elif batch:
+        raise ValueError(f"cannot start a pass over {type(loader).__name__} at batch {batch}")
+
+
+def batches_from(loader: Iterable, start: int = 0) -> Iterator:
+    """The batches of ``loader`` epoch after epoch, without end, from the ``start``-th batch of that
+    sequence on (a resumed run draws the meta batch the interrupted run would have drawn next)."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, EpochSampler):
+        seek(loader, *divmod(start, max(-(-sampler.n // loader.batch_size), 1)))
+        while True:
+            yield from loader
+    yield from itertools.islice(itertools.cycle(loader), start, None)
 
 
 def _with_transform(ds: datasets.VisionDataset, transform) -> datasets.VisionDataset:

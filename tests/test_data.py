@@ -1,6 +1,7 @@
 """Tests for lis/data.py: every dataset builds offline from files the tests write or packages ship."""
 
 import hashlib
+import itertools
 import pickle
 import random
 import urllib.error
@@ -12,7 +13,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 from torchvision import datasets
 
-from lis.data import NAMES, Splits, build_splits, make_loaders, meta_split
+from lis.data import NAMES, EpochSampler, Splits, batches_from, build_splits, make_loaders, meta_split, seek
 from lis.errors import LISError
 
 
@@ -278,3 +279,32 @@ def test_unknown_dataset_lists_names():
     with pytest.raises(LISError, match="unknown dataset 'mnist'") as e:
         build_splits("mnist", "data")
     assert all(name in str(e.value) for name in NAMES)
+
+
+def _epoch(loader) -> list[int]:
+    return torch.cat([b[0] for b in loader]).tolist()
+
+
+def test_every_pass_is_a_new_epoch_and_any_epoch_can_be_rebuilt_from_any_batch():
+    train = make_loaders(_index_splits(25), batch_size=10, seed=3).train
+    epochs = [_epoch(train) for _ in range(3)]
+    assert all(sorted(e) == list(range(25)) for e in epochs)  # each pass is a permutation
+    assert epochs[0] != epochs[1] != epochs[2]  # reshuffled every epoch
+    fresh = make_loaders(_index_splits(25), batch_size=10, seed=3).train  # a resumed run: new loader, seek
+    seek(fresh, 1, 2)
+    assert len(fresh) == 1 and _epoch(fresh) == epochs[1][20:]
+    assert _epoch(fresh) == epochs[2]  # and the pass after that is the next epoch
+    # seed 1 epoch 0 is not seed 0 epoch 1
+    assert EpochSampler(25, seed=1).order(0) != EpochSampler(25, seed=0).order(1)
+
+
+def test_batches_from_continues_the_endless_sequence_where_it_stopped():
+    def stream(start):
+        meta = make_loaders(_index_splits(25), batch_size=10, seed=0).meta
+        return [b[0].tolist() for b in itertools.islice(batches_from(meta, start), 7 - start)]
+
+    whole = stream(0)
+    assert [len(b) for b in whole] == [10, 10, 5, 10, 10, 5, 10]  # epochs run on, last batches partial
+    assert all(stream(k) == whole[k:] for k in range(1, 7))
+    plain = [[1], [2], [3]]  # any iterable of batches (tests pass lists) cycles
+    assert list(itertools.islice(batches_from(plain, 2), 3)) == [[3], [1], [2]]
