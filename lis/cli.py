@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lis.errors import LISError
+from lis.errors import LISError, RunStopped
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config file (see experiments/)")
+def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("config", nargs="?" if optional else None, help="YAML config file (see experiments/)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config field")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
 
@@ -27,9 +27,21 @@ def _train_teacher(args: argparse.Namespace) -> None:
 
 def _compress(args: argparse.Namespace) -> None:
     from lis.config import load_config
-    from lis.pipeline import compress
+    from lis.pipeline import compress, resume_config
 
-    compress(load_config(args.config, args.overrides), overwrite=args.overwrite)
+    if args.resume is None:
+        if args.config is None:
+            raise LISError("give a CONFIG file to start a run, or --resume RUN_DIR to continue one")
+        compress(load_config(args.config, args.overrides), overwrite=args.overwrite)
+        return
+    # lis compress --resume RUN_DIR [overrides]: the positional slot holds the first override, if any
+    overrides = ([args.config] if args.config is not None else []) + list(args.overrides)
+    if any("=" not in o for o in overrides):
+        raise LISError(f"--resume continues the run with its own config.yaml: drop "
+                       f"{next(o for o in overrides if '=' not in o)!r} (only section.key=value overrides may follow)")
+    if args.overwrite:
+        raise LISError("--resume and --overwrite contradict each other: pass one of them")
+    compress(resume_config(args.resume, overrides), resume=True)
 
 
 def _csv(text: str) -> list[str]:
@@ -91,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="teacher -> KDP (prune + distill) -> hard prune -> fine-tune -> evaluate",
                        description="Compress the teacher of CONFIG into a physically pruned student with the "
                                    "policy named by policy.name; writes runs/<run.name>/.")
-    _add_config_args(p)
+    _add_config_args(p, optional=True)
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue a stopped run from its last checkpoint, with RUN_DIR/config.yaml; overrides "
+                        "may change learning rates (e.g. kdp.lr=0.01 after a NaN), checkpointing and tracking")
     p.set_defaults(func=_compress)
 
     p = sub.add_parser("compare", help="run policies x seeds of one config and compare them (mean ± std, dean vs best)",
@@ -153,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         args.func(args)
+    except RunStopped as e:
+        print(f"lis: stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except LISError as e:
         print(f"lis: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("lis: interrupted", file=sys.stderr)
         return 130

@@ -13,8 +13,8 @@ writes there
 All runs keep ``run.dir``, so they share the teacher cache ``<run.dir>/teachers/``;
 the teacher is seeded by ``teacher.seed``, not ``run.seed``, so every run of a
 comparison distils from the same teacher (DESIGN.md section 4). A pair whose
-``summary.json`` exists is skipped, so an interrupted comparison continues
-where it stopped.
+``summary.json`` exists is skipped and an unfinished one resumes from its
+checkpoint, so an interrupted comparison continues where it stopped.
 """
 
 from __future__ import annotations
@@ -207,7 +207,8 @@ def _plan(config_path: str | Path, policies: Sequence[str], seeds: Sequence[int]
 
 
 def _check_same_config(run_dir: Path, cfg: Config) -> None:
-    """A finished run counts for this comparison only if it ran this config (tracking and run.dir aside)."""
+    """A finished (or resumed) run counts for this comparison only if it ran this config (tracking and run.dir
+    aside)."""
     path = run_dir / "config.yaml"
     stored = yaml.safe_load(path.read_text()) if path.is_file() else {}
     expected = yaml.safe_load(to_yaml(cfg))
@@ -248,13 +249,14 @@ def compare(config_path: str | Path, policies: Sequence[str], seeds: Sequence[in
     rows = []
     for i, (label, policy, seed, cfg) in enumerate(runs, 1):
         run_dir = Path(cfg.run.dir) / cfg.run.name
-        done = (run_dir / "summary.json").is_file()
-        print(f"[{i}/{len(runs)}] {label} seed {seed} {'skip (done)' if done else '...'}", flush=True)
-        if done:
+        done, started = (run_dir / "summary.json").is_file(), (run_dir / "config.yaml").is_file()
+        status = "skip (done)" if done else "resume ..." if started else "..."
+        print(f"[{i}/{len(runs)}] {label} seed {seed} {status}", flush=True)
+        if started:
             _check_same_config(run_dir, cfg)
-        else:
-            # an unfinished run (interrupted before its summary) starts again from scratch
-            run_dir = pipeline.compress(cfg, overwrite=True)
+        if not done:
+            # an unfinished run (interrupted before its summary) continues from its last checkpoint
+            run_dir = pipeline.compress(cfg, overwrite=not started, resume=started)
         rows.append(row_from_summary(label, json.loads((run_dir / "summary.json").read_text())))
 
     aggregated = aggregate(rows)

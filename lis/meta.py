@@ -73,9 +73,19 @@ class MetaLearner:
     """Owns the dean's Adam optimizer and performs meta steps; called by the KDP loop."""
 
     def __init__(self, dean: Dean, *, lr: float, unroll: int = 1, beta: float = 1.0, backend: str = "higher"):
-        self.dean, self.unroll, self.beta = dean, unroll, beta
+        self.dean, self.unroll, self.beta, self.lr = dean, unroll, beta, lr
         self.unroll_fn = BACKENDS[backend]
         self.opt = torch.optim.Adam(dean.parameters(), lr=lr)
+
+    def state_dict(self) -> dict:
+        """The optimizer's state (the dean's weights are the policy's ``state_dict``)."""
+        return {"opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``, at this learner's own learning rate (a resume may lower it)."""
+        self.opt.load_state_dict(state["opt"])
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
 
     def objective(self, student: nn.Module, room: Classroom, admm: ADMMState, signals: Signals,
                   batch: tuple[torch.Tensor, torch.Tensor], meta_batch: tuple[torch.Tensor, torch.Tensor],

@@ -7,32 +7,34 @@ components (data, models, teacher, school) so deep code never sees a config.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import copy
-import time
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from lis import models
+from lis import checkpoint, models
 from lis.admm import ADMMState
 from lis.baselines import EXTERNAL, ONE_SHOT, l1_masks, reinit_, tp_group_norm
-from lis.config import Config
+from lis.checkpoint import Checkpointer, on_signals
+from lis.config import Config, load_config, to_dict
 from lis.data import Loaders, Splits, build_splits, make_loaders
 from lis.groups import ChannelGroup, CostModel, find_groups
 from lis.dean import create_dean
-from lis.errors import LISError
+from lis.errors import LISError, NumericalFault
 from lis.meta import MetaLearner
 from lis.plots import plot_run
-from lis.policy import Policy, create_policy
+from lis.policy import Policy, Weights, create_policy
 from lis.prune import hard_prune
 from lis.report import format_summary, summarize, write_report
-from lis.run import MetricsLog, new_run_dir, resolve_device, seed_everything
+from lis.run import (MetricsLog, atomic_save, atomic_write_text, existing_run_dir, new_run_dir, resolve_device,
+                     seed_everything)
 from lis.school import Classroom, KDPSettings, finetune, kdp
 from lis.signals import SignalTracker
-from lis.teacher import get_teacher, save_teacher, teacher_key, train_teacher
+from lis.teacher import get_teacher, load_teacher, save_teacher, teacher_key, train_teacher
 
 
 def load_data(cfg: Config) -> tuple[Splits, Loaders]:
@@ -81,13 +83,98 @@ def plan(student: nn.Module, example: torch.Tensor, cfg: Config) -> tuple[list[C
                              cfg.prune.min_keep_ratio)
 
 
-def compress(cfg: Config, overwrite: bool = False) -> Path:
+# what a resumed run may change: learning rates (the way out of a numerical fault), checkpointing,
+# tracking and where things run or load from; anything else would continue a different run
+RESUMABLE = ("kdp.lr", "finetune.lr", "meta.lr", "checkpoint.every_iters", "run.device", "data.root",
+             "data.num_workers", "tracking.wandb", "tracking.project")
+
+
+def resume_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The config of the run in ``run_dir`` (its ``config.yaml``) with ``overrides`` of ``RESUMABLE`` keys."""
+    path = Path(run_dir)
+    if not (path / "config.yaml").is_file():
+        raise LISError(f"{path} is not a run directory (no config.yaml): give the directory of a 'lis compress' run")
+    if (path / "summary.json").is_file():
+        raise LISError(f"{path} has finished (it has a summary.json): nothing to resume; start a new run instead")
+    cfg = _stored_config(path, overrides)
+    for key, (old, new) in _changes(path, cfg).items():
+        if key not in RESUMABLE:
+            raise LISError(f"{key} cannot change when resuming (it would continue a different run): "
+                           f"a resume may change only {', '.join(RESUMABLE)}")
+    return cfg
+
+
+def _stored_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
+    """``run_dir/config.yaml`` with ``overrides``, its run.dir and run.name where the directory is now (a
+    comparison's runs are named ``<comparison>/<run>``)."""
+    return load_config(run_dir / "config.yaml",
+                       [f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", *overrides])
+
+
+def _changes(run_dir: Path, cfg: Config) -> dict[str, tuple]:
+    """``{"section.key": (stored value, value in cfg)}`` for every config value ``cfg`` changes (where the run
+    directory is aside)."""
+    old, new = to_dict(_stored_config(run_dir)), to_dict(cfg)
+    return {f"{section}.{key}": (old[section][key], value) for section, values in new.items()
+            for key, value in values.items()
+            if value != old[section][key] and f"{section}.{key}" not in ("run.dir", "run.name")}
+
+
+def _note_resume(run_dir: Path, cfg: Config, state: Optional[dict]) -> None:
+    """Append to ``resume.log`` where the run resumed from and which config values the resume changed."""
+    changed = [f"{key}: {old} -> {new}" for key, (old, new) in _changes(run_dir, cfg).items()]
+    where = "the start (no checkpoint yet)" if state is None else f"{state['phase']} iteration {state['iter']}"
+    with open(run_dir / "resume.log", "a") as f:
+        f.write(f"{datetime.now().isoformat(timespec='seconds')} resumed from {where}"
+                + (f" with {', '.join(changed)}" if changed else "") + "\n")
+
+
+def _recipe(cfg: Config, student: nn.Module, room: Classroom, groups: list[ChannelGroup], admm: ADMMState,
+            policy: Policy, loaders: Loaders, device: torch.device, example: torch.Tensor, log: MetricsLog,
+            ckpt: Checkpointer) -> tuple[nn.Module, Optional[dict[str, torch.Tensor]], Weights]:
+    """What policy ``policy.name`` does before fine-tuning: the pruned student, the channels it kept
+    (None: unknown) and the weights fine-tuning teaches with."""
+    k, name = cfg.kdp, cfg.policy.name
+    if name in ONE_SHOT:
+        # one-shot baselines: no KDP phase, its epochs go to fine-tuning (same total epochs)
+        masks = l1_masks(student, groups, admm)
+        small = hard_prune(student, groups, masks, example)
+        if name == "scratch":
+            reinit_(small)
+        return small, masks, policy(SignalTracker(len(groups)).state()).detached()
+    if name in EXTERNAL:
+        # its own training loop, without checkpoints: a resumed run starts it again
+        small = tp_group_norm(copy.deepcopy(student), example, budgets(cfg), loaders.train, device,
+                              epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
+        return small, None, policy(SignalTracker(len(groups)).state()).detached()
+    settings = KDPSettings(epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
+                           admm_interval=cfg.admm.interval, signals_interval=cfg.signals.interval,
+                           ema=cfg.signals.ema, meta_interval=cfg.meta.interval)
+    meta_step = None
+    if name == "dean":
+        meta_step = MetaLearner(policy, lr=cfg.meta.lr, unroll=cfg.meta.unroll, beta=cfg.meta.beta,
+                                backend=cfg.meta.backend)
+    _, weights = kdp(student, room, groups, admm, policy, loaders.train, loaders.test, device, settings, log.log,
+                     meta_step=meta_step, meta_batches=loaders.meta, ckpt=ckpt)
+    if name == "dean":
+        atomic_save(policy.state_dict(), log.path.parent / "dean.pt")
+    if name == "kd_only":
+        # no ADMM pull was applied: prune by magnitude, i.e. project W itself (U = 0)
+        admm.U = {n: torch.zeros_like(u) for n, u in admm.U.items()}
+        admm.project(student)
+    # hard prune: zero what lies outside Z's support, then physically remove it
+    return hard_prune(student, groups, admm.masks, example), admm.masks, weights
+
+
+def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path:
     """``lis compress``: teacher (cached or trained) -> KDP -> hard prune -> fine-tune -> evaluate.
 
-    Writes ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``student.pt``
-    and ``report.md`` into the run directory and returns it.
+    Writes ``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt``, ``summary.json``,
+    ``student.pt`` and ``report.md`` into the run directory and returns it.
+    ``resume=True`` continues the run directory of ``cfg`` from its
+    checkpoint (``resume_config`` gives its config), or from the start if it
+    stopped before the first one.
     """
-    start = time.perf_counter()
     device = resolve_device(cfg.run.device)
     splits, loaders = load_data(cfg)
     # fail on user mistakes before anything is written or trained
@@ -97,10 +184,20 @@ def compress(cfg: Config, overwrite: bool = False) -> Path:
         raise LISError("the dean needs a meta split but data.meta_fraction=0 leaves none: set it to e.g. 0.1")
     example = torch.zeros(2, *splits.input_shape, device=device)
     models.create(cfg.model.name, splits.num_classes)
+    if cfg.teacher.checkpoint is not None:
+        load_teacher(cfg.teacher.checkpoint, cfg.model.name, splits.num_classes)
     plan(models.create(cfg.student.model or cfg.model.name, splits.num_classes).to(device), example, cfg)
+    state = checkpoint.load(Path(cfg.run.dir) / cfg.run.name) if resume else None
 
-    with new_run_dir(cfg, overwrite) as run_dir, MetricsLog(run_dir, cfg) as log:
-        teacher, teacher_acc, _ = get_teacher(cfg, splits, loaders, device, log.log)
+    with (existing_run_dir(cfg) if resume else new_run_dir(cfg, overwrite, resumable=True)) as run_dir, \
+            MetricsLog(run_dir, cfg) as log, on_signals() as stop:
+        if resume:
+            _note_resume(run_dir, cfg, state)
+            if state is None:
+                log.truncate(0)  # stopped before its first checkpoint: start again, in place
+        ckpt = Checkpointer(run_dir, log, cfg.checkpoint.every_iters, stop, state)
+        teacher, teacher_acc, teacher_path = get_teacher(cfg, splits, loaders, device, log.log)
+        ckpt.context["teacher"] = str(teacher_path)
         for p in teacher.parameters():
             p.requires_grad_(False)
         seed_everything(cfg.run.seed)
@@ -113,62 +210,40 @@ def compress(cfg: Config, overwrite: bool = False) -> Path:
         # the sparse target: channel groups, their cost model, ADMM state with the budget
         groups, admm = plan(student, example, cfg)
         teacher_groups = find_groups(teacher, example)
-        room = Classroom(teacher, student, [g.name for g in groups], [g.name for g in teacher_groups], example,
-                         cfg.kdp.temperature, features=cfg.kdp.feature_layers == "all").to(device)
-
-        k, f, name = cfg.kdp, cfg.finetune, cfg.policy.name
-        finetune_epochs = f.epochs
-        final_weights = policy(SignalTracker(len(groups)).state()).detached()  # KDP recipes: their last weights
-        if name in ONE_SHOT:
-            # one-shot baselines: no KDP phase, its epochs go to fine-tuning (same total epochs)
-            masks = l1_masks(student, groups, admm)
-            small = hard_prune(student, groups, masks, example)
-            if name == "scratch":
-                reinit_(small)
-            finetune_epochs = k.epochs + f.epochs
-        elif name in EXTERNAL:
-            small = tp_group_norm(copy.deepcopy(student), example, budgets(cfg), loaders.train, device,
-                                  epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
-            masks = None
-        else:
-            settings = KDPSettings(epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
-                                   admm_interval=cfg.admm.interval, signals_interval=cfg.signals.interval,
-                                   ema=cfg.signals.ema, meta_interval=cfg.meta.interval)
-            meta_step = None
-            if name == "dean":
-                meta_step = MetaLearner(policy, lr=cfg.meta.lr, unroll=cfg.meta.unroll, beta=cfg.meta.beta,
-                                        backend=cfg.meta.backend)
-            _, final_weights = kdp(student, room, groups, admm, policy, loaders.train, loaders.test, device,
-                                   settings, log.log, meta_step=meta_step, meta_batches=loaders.meta)
-            if name == "dean":
-                torch.save(policy.state_dict(), run_dir / "dean.pt")
-            if name == "kd_only":
-                # no ADMM pull was applied: prune by magnitude, i.e. project W itself (U = 0)
-                admm.U = {n: torch.zeros_like(u) for n, u in admm.U.items()}
-                admm.project(student)
-            masks = admm.masks
-            # hard prune: zero what lies outside Z's support, then physically remove it
-            small = hard_prune(student, groups, masks, example)
-
-        # fine-tune the small student with the policy's final weights; adapters start as the kept channels
-        keep_index = None if masks is None or name == "scratch" else \
-            {g.name: masks[g.name].nonzero().flatten() for g in groups}
-        small_room = Classroom(teacher, small, [g.name for g in groups], [g.name for g in teacher_groups], example,
-                               cfg.kdp.temperature, features=cfg.kdp.feature_layers == "all",
-                               init_index=keep_index).to(device)
-        metrics = finetune(small, small_room, final_weights, loaders.train, loaders.test, device,
-                           epochs=finetune_epochs, lr=f.lr, momentum=k.momentum, weight_decay=k.weight_decay,
-                           log=log.log)
+        layers, teacher_layers = [g.name for g in groups], [g.name for g in teacher_groups]
+        features = cfg.kdp.feature_layers == "all"
+        try:
+            resumed = ckpt.restore("finetune")
+            if resumed is None:
+                room = Classroom(teacher, student, layers, teacher_layers, example, cfg.kdp.temperature,
+                                 features=features).to(device)
+                small, masks, weights = _recipe(cfg, student, room, groups, admm, policy, loaders, device, example,
+                                                log, ckpt)
+            else:  # KDP (or the one-shot pruning) is done: continue fine-tuning the pruned student
+                small, masks, weights = resumed["student"].to(device), None, resumed["weights"]
+            # fine-tune the small student with the policy's final weights; adapters start as the kept channels
+            keep_index = None if masks is None or cfg.policy.name == "scratch" else \
+                {g.name: masks[g.name].nonzero().flatten() for g in groups}
+            small_room = Classroom(teacher, small, layers, teacher_layers, example, cfg.kdp.temperature,
+                                   features=features, init_index=keep_index).to(device)
+            k, f = cfg.kdp, cfg.finetune
+            metrics = finetune(small, small_room, weights, loaders.train, loaders.test, device,
+                               epochs=f.epochs + (k.epochs if cfg.policy.name in ONE_SHOT else 0), lr=f.lr,
+                               momentum=k.momentum, weight_decay=k.weight_decay, log=log.log, ckpt=ckpt,
+                               resumed=resumed)
+        except NumericalFault as e:
+            raise NumericalFault(f"{e}: stopped, {ckpt.describe()}; continue with a lower learning rate, e.g. "
+                                 f"'lis compress --resume {run_dir} kdp.lr={cfg.kdp.lr / 10:g} "
+                                 f"finetune.lr={cfg.finetune.lr / 10:g}'") from None
         modules = dict(small.named_modules())
         kept = [modules[g.name].weight.shape[0] for g in groups]
 
-        summary = summarize(cfg, teacher, small, splits.input_shape, teacher_acc, metrics["acc"],
-                            time.perf_counter() - start, [g.name for g in groups],
-                            [g.num_channels for g in groups], kept)
+        summary = summarize(cfg, teacher, small, splits.input_shape, teacher_acc, metrics["acc"], ckpt.elapsed(),
+                            layers, [g.num_channels for g in groups], kept)
         log.log({"phase": "summary", **{k: v for k, v in summary.items() if not isinstance(v, (list, dict))}})
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        torch.save(small.cpu(), run_dir / "student.pt")
+        atomic_save(small.cpu(), run_dir / "student.pt")
         write_report(run_dir, summary)
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))  # the run is finished
         log.log_images(plot_run(run_dir))
     print(format_summary(summary, run_dir))
     return run_dir

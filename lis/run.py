@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lis.config import Config, to_dict, to_yaml
-from lis.errors import LISError
+from lis.errors import LISError, RunStopped
 
 
 def seed_everything(seed: int) -> None:
@@ -51,31 +52,50 @@ def progress(iterable: Iterable, desc: str, **kw) -> tqdm:
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=quiet, **kw)
 
 
-def create_run_dir(cfg: Config, overwrite: bool = False) -> Path:
-    """Make ``<run.dir>/<run.name>`` and write ``config.yaml``; never clobber a run silently."""
+def create_run_dir(cfg: Config, overwrite: bool = False, resumable: bool = False) -> Path:
+    """Make ``<run.dir>/<run.name>`` and write ``config.yaml``; never clobber a run silently.
+
+    Creating ``config.yaml`` is the claim on the name: of two runs started at once with the same
+    name, one gets it and the other stops with a one-line error.
+    """
     path = Path(cfg.run.dir) / cfg.run.name
     if path.exists() and any(path.iterdir()):
         if not overwrite:
-            raise LISError(
-                f"run directory {path} already exists: pass --overwrite to replace it "
-                f"or choose another name with run.name=..."
-            )
+            resume = f"continue it with 'lis compress --resume {path}', " if resumable else ""
+            raise LISError(f"run directory {path} already exists: {resume}replace it with --overwrite, "
+                           f"or choose another name with run.name=...")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(to_yaml(cfg))
+    try:
+        with open(path / "config.yaml", "x") as f:  # exclusive creation: of two runs, one gets the name
+            f.write(to_yaml(cfg))
+    except FileExistsError:
+        raise LISError(f"run directory {path} was just created by another run: choose another name with "
+                       f"run.name=...") from None
     return path
 
 
 @contextmanager
-def new_run_dir(cfg: Config, overwrite: bool = False) -> Iterator[Path]:
+def new_run_dir(cfg: Config, overwrite: bool = False, resumable: bool = False) -> Iterator[Path]:
     """``create_run_dir`` that removes the directory again if a user error (``LISError``) stops the job,
-    so the corrected command can run without ``--overwrite``."""
-    path = create_run_dir(cfg, overwrite)
+    so the corrected command can run without ``--overwrite``. A run that stopped part-way
+    (``RunStopped``: interrupted, or a numerical fault) keeps its directory for ``--resume``."""
+    path = create_run_dir(cfg, overwrite, resumable)
     try:
         yield path
-    except LISError:
-        shutil.rmtree(path, ignore_errors=True)
+    except LISError as e:
+        if not isinstance(e, RunStopped):
+            shutil.rmtree(path, ignore_errors=True)
         raise
+
+
+@contextmanager
+def existing_run_dir(cfg: Config) -> Iterator[Path]:
+    """The run directory of ``cfg``, which a resumed run continues: kept whatever happens."""
+    path = Path(cfg.run.dir) / cfg.run.name
+    if not (path / "config.yaml").is_file():
+        raise LISError(f"{path} is not a run directory (no config.yaml): give the directory of a 'lis compress' run")
+    yield path
 
 
 def wandb_scalars(record: dict, layer_names: list[str]) -> dict:
@@ -93,7 +113,14 @@ def wandb_scalars(record: dict, layer_names: list[str]) -> dict:
 
 
 class MetricsLog:
-    """Appends one JSON object per call to ``metrics.jsonl`` and mirrors it to wandb."""
+    """Appends one JSON object per call to ``metrics.jsonl`` and mirrors it to wandb.
+
+    ``offset()`` is the file's length so far; a resumed run ``truncate``s the
+    file back to the offset its checkpoint recorded, so the records written
+    after that checkpoint are not duplicated when the run writes them again.
+    The wandb run id is kept in ``wandb_id`` so a resumed run continues the
+    same wandb run.
+    """
 
     def __init__(self, run_dir: Path, cfg: Config):
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -104,14 +131,31 @@ class MetricsLog:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
+            id_file = Path(run_dir) / "wandb_id"
+            if not id_file.is_file():
+                id_file.write_text(secrets.token_hex(4))
             self._wandb = wandb.init(
                 project=cfg.tracking.project,
                 name=cfg.run.name,
+                id=id_file.read_text().strip(),
+                resume="allow",
                 dir=str(run_dir),
                 mode=cfg.tracking.wandb,
                 config=to_dict(cfg),
                 reinit="finish_previous",
             )
+
+    def offset(self) -> int:
+        return self._file.tell()
+
+    def truncate(self, offset: int) -> None:
+        """Drop every record after byte ``offset`` (what a checkpoint recorded with ``offset()``)."""
+        self._file.truncate(offset)
+        self._file.seek(offset)
+        self.layer_names = []
+        with self.path.open() as f:
+            for line in f:
+                self.layer_names = json.loads(line).get("layer_names", self.layer_names)
 
     def log(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -147,6 +191,17 @@ def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file, fsync, then rename: readers see the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

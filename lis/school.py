@@ -21,8 +21,7 @@ the small student with the same losses (adapters bridge the width change).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import cycle
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +29,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lis.admm import ADMMState, rows
+from lis.checkpoint import Checkpointer, set_rng_state
+from lis.data import batches_from, seek
+from lis.errors import NumericalFault
 from lis.groups import ChannelGroup
 from lis.losses import Adapters, FeatureHooks, kd_feat, kd_logit, pair_layers
 from lis.policy import Policy, Weights
@@ -38,6 +40,17 @@ from lis.signals import SignalTracker, Signals, distillability, sparsity
 from lis.train import evaluate
 
 Log = Callable[[dict], None]
+
+
+class MetaStep(Protocol):
+    """What the KDP loop needs of a meta learner (``lis.meta.MetaLearner``)."""
+
+    def __call__(self, student: nn.Module, opt: torch.optim.Optimizer, room: "Classroom", admm: ADMMState,
+                 signals: Signals, batch, meta_batch, device: torch.device) -> dict: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -120,6 +133,62 @@ def _grad_rows(grads: dict[str, torch.Tensor], group: ChannelGroup) -> torch.Ten
     return torch.cat([rows(grads[name], dim) for name, dim in group.out_slices], dim=1)
 
 
+Checks = dict[str, tuple[torch.Tensor, Optional[Sequence[str]]]]
+
+
+def guard(where: str, checks: Checks) -> None:
+    """Stop with ``NumericalFault`` if a checked value holds a NaN or Inf, naming the quantity, ``where``
+    (the iteration) and the layer. ``checks`` maps a quantity to its value and the names of its entries
+    (None: a single value). One device sync for all of them; the search for the culprit only on a fault."""
+    flat = torch.cat([v.detach().reshape(-1).float() for v, _ in checks.values()])
+    if bool(torch.isfinite(flat).all()):
+        return
+    for quantity, (value, names) in checks.items():
+        bad = (~torch.isfinite(value.detach().reshape(-1))).nonzero().flatten().tolist()
+        if bad:
+            kind = "NaN" if value.detach().reshape(-1)[bad[0]].isnan() else "Inf"
+            at = "" if names is None else f" of {names[bad[0]]}"
+            raise NumericalFault(f"{quantity}{at} is {kind} at {where}")
+
+
+def _grad_checks(named: Sequence[tuple[str, nn.Parameter]]) -> Checks:
+    with_grad = [(n, p.grad) for n, p in named if p.grad is not None]
+    return {"the gradient": (torch.stack([g.norm() for _, g in with_grad]), [n for n, _ in with_grad])}
+
+
+def _snapshot(phase: str, it: int, epoch: int, batch: int, lr: float, metrics: dict, room: Classroom,
+              opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler) -> dict:
+    """What every training loop's checkpoint holds: where it is, its last metrics, adapters and optimizer."""
+    return {"phase": phase, "iter": it, "epoch": epoch, "batch": batch, "lr": lr, "metrics": metrics,
+            "adapters": room.adapters.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+
+
+def _restore(state: dict, lr: float, room: Classroom, opt: torch.optim.Optimizer,
+             sched: torch.optim.lr_scheduler.LRScheduler) -> tuple[dict, int, int, int]:
+    """Load ``_snapshot``'s part of a checkpoint, at learning rate ``lr``, and set the RNGs back; returns
+    (metrics, iteration, epoch, batch)."""
+    room.adapters.load_state_dict(state["adapters"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    _rescale_lr(opt, sched, lr, state["lr"])
+    set_rng_state(state["rng"])
+    return state["metrics"], state["iter"], state["epoch"], state["batch"]
+
+
+def _rescale_lr(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, lr: float,
+                old_lr: float) -> None:
+    """Change a resumed schedule's peak learning rate from ``old_lr`` to ``lr``: every learning rate it
+    gives from now on is scaled by ``lr / old_lr`` (cosine annealing to 0 is linear in its peak)."""
+    if lr == old_lr:
+        return
+    factor = lr / old_lr
+    for group in opt.param_groups:
+        group["lr"] *= factor
+        group["initial_lr"] *= factor
+    sched.base_lrs = [b * factor for b in sched.base_lrs]
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
 def kdp(
     student: nn.Module,
     room: Classroom,
@@ -131,8 +200,9 @@ def kdp(
     device: torch.device,
     s: KDPSettings,
     log: Log,
-    meta_step: Optional[Callable[..., dict]] = None,
+    meta_step: Optional[MetaStep] = None,
     meta_batches: Optional[DataLoader] = None,
+    ckpt: Optional[Checkpointer] = None,
 ) -> tuple[dict, Weights]:
     """Train ``student`` by ADMM prune-plus-distill.
 
@@ -141,88 +211,157 @@ def kdp(
 
     ``meta_step(student, opt, room, admm, signals, batch, meta_batch, device)``
     is called every ``s.meta_interval`` iterations when given (the dean's
-    ``lis.meta.MetaLearner``); it must not change the student.
+    ``lis.meta.MetaLearner``); it must not change the student. ``ckpt`` saves
+    the whole loop state (phase ``kdp``) at epoch ends, every
+    ``checkpoint.every_iters`` iterations and on SIGINT/SIGTERM, and
+    continues from a resumed one. A NaN or Inf in a loss, a gradient, the
+    dean's outputs or the ADMM state stops the loop (``NumericalFault``).
     """
+    ckpt = ckpt or Checkpointer.disabled()
     named = list(student.named_parameters()) + [(f"adapters.{n}", p) for n, p in room.adapters.named_parameters()]
     names, params = [n for n, _ in named], [p for _, p in named]
+    layers = [g.name for g in groups]
     opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     total = max(s.epochs * len(train), 1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     tracker = SignalTracker(len(groups), s.ema)
-    meta_iter = cycle(meta_batches) if meta_step is not None else None
-    log({"phase": "kdp", "iter": 0, "layer_names": [g.name for g in groups]})
-    metrics, it = {}, 0
-    for epoch in progress(range(s.epochs), desc="kdp"):
-        student.train()
-        for x, y in train:
-            x, y = x.to(device), y.to(device)
-            # 1. the policy reads the smoothed state
-            w = policy(tracker.state()).detached()
-            # 2. teacher and student forward
-            lesson = room.lesson(student, x, y)
-            kd = lesson.distillation(w)
-            # 3. backward; on measurement iterations CE and KD separately (distillability)
-            opt.zero_grad(set_to_none=True)
-            measure = it % s.signals_interval == 0
-            if measure:
-                # a policy that does not distil still gets a distillability curve, with unit weights
-                kd_signal = kd if w.distils() else lesson.kd_logit + lesson.kd_feat.sum()
-                g_ce = dict(zip(names, torch.autograd.grad(lesson.ce, params, retain_graph=True,
-                                                           materialize_grads=True)))
-                g_kd = dict(zip(names, torch.autograd.grad(kd_signal, params, materialize_grads=True)))
-                tracker.update(Signals(
-                    distillability=distillability([_grad_rows(g_kd, g) for g in groups],
-                                                  [_grad_rows(g_ce, g) for g in groups]),
-                    sparsity=sparsity(student, groups), admm_gap=admm.gap(student),
-                    keep_ratio=admm.keep_ratio(), progress=it / total,
-                    ce=lesson.ce.item(), kd=kd_signal.item()))
-                for n, p in zip(names, params):
-                    p.grad = g_ce[n] + g_kd[n] if w.distils() else g_ce[n]
-            else:
-                (lesson.ce + kd).backward()
-            # 4. the ADMM pull towards the sparse copy Z, then the SGD step
-            admm.penalty_grad_(student, w.rho)
-            opt.step()
-            sched.step()
-            it += 1
-            # 5. Z-step and U-step
-            if it % s.admm_interval == 0:
-                admm.project(student)
-                admm.update_duals(student)
-            # 6. the dean's meta step
-            meta = {}
-            if meta_step is not None and it % s.meta_interval == 0:
-                meta = meta_step(student, opt, room, admm, tracker.state(), (x, y), next(meta_iter), device)
-            # 7. the per-layer series
-            if measure or meta:
-                state = tracker.state()
-                log({"phase": "kdp", "iter": it, "epoch": epoch, "lr": sched.get_last_lr()[0],
-                     "ce": lesson.ce.item(), "kd": kd.item(), "alpha_out": w.alpha_out.item(),
-                     **state.as_lists(), "alpha": w.alpha.tolist(), "rho": w.rho.tolist(), **meta})
-        metrics = evaluate(student, test, device)
-        log({"phase": "kdp", "iter": it, "epoch": epoch + 1, "test_acc": metrics["acc"],
-             "test_loss": metrics["loss"]})
+    metrics, it, n_meta, first_epoch, first_batch = {}, 0, 0, 0, 0
+
+    def state(epoch: int, batch: int) -> dict:
+        return {**_snapshot("kdp", it, epoch, batch, s.lr, metrics, room, opt, sched),
+                "student": student.state_dict(), "admm": admm.state_dict(), "signals": tracker.current,
+                "policy": policy.state_dict(), "meta": meta_step.state_dict() if meta_step else None,
+                "meta_batches": n_meta}
+
+    resumed = ckpt.restore("kdp")
+    if resumed is None:
+        log({"phase": "kdp", "iter": 0, "layer_names": layers})
+    else:
+        student.load_state_dict(resumed["student"])
+        admm.load_state_dict(resumed["admm"])
+        tracker.current = resumed["signals"]
+        policy.load_state_dict(resumed["policy"])
+        if meta_step is not None:
+            meta_step.load_state_dict(resumed["meta"])
+        n_meta = resumed["meta_batches"]
+        metrics, it, first_epoch, first_batch = _restore(resumed, s.lr, room, opt, sched)
+    meta_iter = batches_from(meta_batches, n_meta) if meta_step is not None else None
+
+    with ckpt.armed():
+        for epoch in progress(range(first_epoch, s.epochs), desc="kdp"):
+            student.train()
+            batch = first_batch if epoch == first_epoch else 0
+            seek(train, epoch, batch)
+            for x, y in train:
+                where = f"KDP iteration {it + 1} (epoch {epoch})"
+                x, y = x.to(device), y.to(device)
+                # 1. the policy reads the smoothed state
+                w = policy(tracker.state()).detached()
+                # 2. teacher and student forward
+                lesson = room.lesson(student, x, y)
+                kd = lesson.distillation(w)
+                # 3. backward; on measurement iterations CE and KD separately (distillability)
+                opt.zero_grad(set_to_none=True)
+                measure = it % s.signals_interval == 0
+                if measure:
+                    # a policy that does not distil still gets a distillability curve, with unit weights
+                    kd_signal = kd if w.distils() else lesson.kd_logit + lesson.kd_feat.sum()
+                    g_ce = dict(zip(names, torch.autograd.grad(lesson.ce, params, retain_graph=True,
+                                                               materialize_grads=True)))
+                    g_kd = dict(zip(names, torch.autograd.grad(kd_signal, params, materialize_grads=True)))
+                    tracker.update(Signals(
+                        distillability=distillability([_grad_rows(g_kd, g) for g in groups],
+                                                      [_grad_rows(g_ce, g) for g in groups]),
+                        sparsity=sparsity(student, groups), admm_gap=admm.gap(student),
+                        keep_ratio=admm.keep_ratio(), progress=it / total,
+                        ce=lesson.ce.item(), kd=kd_signal.item()))
+                    for n, p in zip(names, params):
+                        p.grad = g_ce[n] + g_kd[n] if w.distils() else g_ce[n]
+                else:
+                    (lesson.ce + kd).backward()
+                # 4. the ADMM pull towards the sparse copy Z, then the SGD step (if all is finite)
+                admm.penalty_grad_(student, w.rho)
+                guard(where, {"the CE loss": (lesson.ce, None), "the KD_logit loss": (lesson.kd_logit, None),
+                              "the KD_feat loss": (lesson.kd_feat, layers),
+                              "the dean's alpha_out": (w.alpha_out.to(device), None),
+                              "the dean's alpha": (w.alpha.to(device), layers),
+                              "the dean's rho": (w.rho.to(device), layers), **_grad_checks(named)})
+                opt.step()
+                sched.step()
+                it += 1
+                batch += 1
+                # 5. Z-step and U-step
+                if it % s.admm_interval == 0:
+                    admm.project(student)
+                    admm.update_duals(student)
+                    guard(where, {"ADMM Z": (torch.stack([z.norm() for z in admm.Z.values()]), list(admm.Z)),
+                                  "ADMM U": (torch.stack([u.norm() for u in admm.U.values()]), list(admm.U))})
+                # 6. the dean's meta step
+                meta = {}
+                if meta_step is not None and it % s.meta_interval == 0:
+                    meta = meta_step(student, opt, room, admm, tracker.state(), (x, y), next(meta_iter), device)
+                    n_meta += 1
+                    guard(where, {"the dean's meta loss": (torch.tensor(meta["meta_loss"]), None)})
+                # 7. the per-layer series
+                if measure or meta:
+                    signals = tracker.state()
+                    log({"phase": "kdp", "iter": it, "epoch": epoch, "lr": sched.get_last_lr()[0],
+                         "ce": lesson.ce.item(), "kd": kd.item(), "alpha_out": w.alpha_out.item(),
+                         **signals.as_lists(), "alpha": w.alpha.tolist(), "rho": w.rho.tolist(), **meta})
+                ckpt.step(it, lambda: state(epoch, batch))
+            metrics = evaluate(student, test, device)
+            log({"phase": "kdp", "iter": it, "epoch": epoch + 1, "test_acc": metrics["acc"],
+                 "test_loss": metrics["loss"]})
+            ckpt.save(state(epoch + 1, 0))
     return metrics, policy(tracker.state()).detached()
 
 
 def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataLoader, test: DataLoader,
              device: torch.device, *, epochs: int, lr: float, momentum: float, weight_decay: float,
-             log: Log) -> dict:
-    """Teach the pruned student with fixed weights (CE + distillation, no ADMM); last epoch's test metrics."""
-    params = list(student.parameters()) + list(room.adapters.parameters())
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+             log: Log, ckpt: Optional[Checkpointer] = None, resumed: Optional[dict] = None) -> dict:
+    """Teach the pruned student with fixed weights (CE + distillation, no ADMM); last epoch's test metrics.
+
+    ``ckpt`` saves (phase ``finetune``) before the first step, at epoch ends
+    and every ``checkpoint.every_iters`` iterations: the pruned ``student``
+    module itself and ``weights`` with the loop state; a resumed run gets them back from
+    ``Checkpointer.restore("finetune")``, rebuilds ``student`` and ``room``
+    from them and passes the state in as ``resumed``.
+    """
+    ckpt = ckpt or Checkpointer.disabled()
+    named = list(student.named_parameters()) + [(f"adapters.{n}", p) for n, p in room.adapters.named_parameters()]
+    opt = torch.optim.SGD([p for _, p in named], lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * len(train), 1))
-    metrics = evaluate(student, test, device)
-    for epoch in progress(range(epochs), desc="finetune"):
-        student.train()
-        for x, y in train:
-            x, y = x.to(device), y.to(device)
-            lesson = room.lesson(student, x, y)
-            loss = lesson.ce + lesson.distillation(weights) if weights.distils() else lesson.ce
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    it, first_epoch, first_batch = 0, 0, 0
+
+    def state(epoch: int, batch: int) -> dict:
+        return {**_snapshot("finetune", it, epoch, batch, lr, metrics, room, opt, sched), "student": student,
+                "weights": weights}
+
+    if resumed is None:
         metrics = evaluate(student, test, device)
-        log({"phase": "finetune", "epoch": epoch + 1, "test_acc": metrics["acc"], "test_loss": metrics["loss"]})
+        ckpt.save(state(0, 0))
+    else:
+        metrics, it, first_epoch, first_batch = _restore(resumed, lr, room, opt, sched)
+
+    with ckpt.armed():
+        for epoch in progress(range(first_epoch, epochs), desc="finetune"):
+            student.train()
+            batch = first_batch if epoch == first_epoch else 0
+            seek(train, epoch, batch)
+            for x, y in train:
+                x, y = x.to(device), y.to(device)
+                lesson = room.lesson(student, x, y)
+                loss = lesson.ce + lesson.distillation(weights) if weights.distils() else lesson.ce
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                guard(f"fine-tuning iteration {it + 1} (epoch {epoch})",
+                      {"the fine-tuning loss": (loss, None), **_grad_checks(named)})
+                opt.step()
+                sched.step()
+                it += 1
+                batch += 1
+                ckpt.step(it, lambda: state(epoch, batch))
+            metrics = evaluate(student, test, device)
+            log({"phase": "finetune", "epoch": epoch + 1, "test_acc": metrics["acc"], "test_loss": metrics["loss"]})
+            ckpt.save(state(epoch + 1, 0))
     return metrics

@@ -4,16 +4,19 @@ A teacher depends on the data, the architecture and its own training section
 (including ``teacher.seed``, not ``run.seed``: the seeds of a comparison share
 one teacher); ``teacher_key`` hashes exactly those, so a compress or compare
 run with the same sections reuses ``<run.dir>/teachers/<key>.pt`` instead of
-training again. ``teacher.checkpoint`` points at an existing teacher instead.
+training again (runs started at once take turns on a lock file: one trains,
+the others load). ``teacher.checkpoint`` points at an existing teacher instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -21,7 +24,7 @@ from torch import nn
 from lis import models
 from lis.config import Config
 from lis.data import Loaders, Splits, make_loaders
-from lis.errors import LISError
+from lis.errors import LISError, NumericalFault
 from lis.run import atomic_save, seed_everything
 from lis.train import evaluate, fit
 
@@ -36,6 +39,18 @@ def teacher_key(cfg: Config) -> str:
     blob = json.dumps({"data": data, "model": cfg.model.name, "teacher": teacher}, sort_keys=True)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
     return f"{cfg.model.name.replace(':', '-')}-{cfg.data.name}-{digest}"
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) across processes; released on exit or death."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def save_teacher(path: Path, model: nn.Module, model_name: str, num_classes: int, test_acc: float) -> None:
@@ -78,9 +93,12 @@ def train_teacher(cfg: Config, splits: Splits, loaders: Loaders, device: torch.d
     seed_everything(t.seed)
     model = models.create(cfg.model.name, splits.num_classes).to(device)
     train = make_loaders(splits, cfg.data.batch_size, cfg.data.num_workers, seed=t.seed).train
-    metrics = fit(model, train, loaders.test, device, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
-                  weight_decay=t.weight_decay, schedule=t.schedule, label_smoothing=t.label_smoothing,
-                  log=log, desc="teacher")
+    try:
+        metrics = fit(model, train, loaders.test, device, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
+                      weight_decay=t.weight_decay, schedule=t.schedule, label_smoothing=t.label_smoothing,
+                      log=log, desc="teacher")
+    except NumericalFault as e:
+        raise NumericalFault(f"{e}: lower teacher.lr (now {t.lr:g}) and start again") from None
     return model, metrics["acc"]
 
 
@@ -96,9 +114,11 @@ def get_teacher(cfg: Config, splits: Splits, loaders: Loaders, device: torch.dev
         acc = evaluate(model.to(device), loaders.test, device)["acc"]
     else:
         path = Path(cfg.run.dir) / "teachers" / f"{teacher_key(cfg)}.pt"
-        if path.is_file():
-            model, acc = load_teacher(path, cfg.model.name, splits.num_classes)
-        else:
-            model, acc = train_teacher(cfg, splits, loaders, device, log)
-            save_teacher(path, model, cfg.model.name, splits.num_classes, acc)
+        # runs started at once need the same teacher: one trains it, the others wait and load it
+        with file_lock(path.with_suffix(".lock")):
+            if path.is_file():
+                model, acc = load_teacher(path, cfg.model.name, splits.num_classes)
+            else:
+                model, acc = train_teacher(cfg, splits, loaders, device, log)
+                save_teacher(path, model, cfg.model.name, splits.num_classes, acc)
     return model.to(device).eval(), acc, path

@@ -7,6 +7,7 @@ schedule stepped once per epoch, evaluation on the test split every epoch.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lis.errors import NumericalFault
 from lis.run import progress
 
 
@@ -60,20 +62,24 @@ def fit(
     log: Optional[Callable[[dict], None]] = None,
     desc: str = "train",
 ) -> dict:
-    """Train ``model`` with cross-entropy; returns the last epoch's test metrics."""
+    """Train ``model`` with cross-entropy; returns the last epoch's test metrics. A NaN or Inf loss stops it
+    (``NumericalFault``) before the step that would spread it into the weights."""
     opt = sgd(model, lr, momentum, weight_decay)
     sched = scheduler(opt, schedule, epochs)
     metrics = evaluate(model, test_loader, device) if epochs == 0 else {}
     for epoch in progress(range(epochs), desc=desc):
         model.train()
         total, n = 0.0, 0
-        for x, y in train_loader:
+        for i, (x, y) in enumerate(train_loader):
             x, y = x.to(device), y.to(device)
             loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NumericalFault(f"the {desc} loss is {value} at {desc} epoch {epoch + 1}, iteration {i + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * y.numel()
+            total += value * y.numel()
             n += y.numel()
         sched.step()
         metrics = evaluate(model, test_loader, device)

@@ -2,6 +2,7 @@
 digits (fixed, prune_only, dean x seeds 0, 1) that the resume and sweep tests build on."""
 
 import csv
+import json
 import math
 import re
 import shutil
@@ -123,20 +124,21 @@ def test_comparison_writes_csv_markdown_and_plot(digits_comparison):
 
 @pytest.fixture
 def counted_compress(monkeypatch):
-    """Replace ``lis.pipeline.compress`` by a wrapper that records the run names it is called with."""
+    """Replace ``lis.pipeline.compress`` by a wrapper that records the run names it is called with (and
+    whether to resume)."""
     calls = []
     real = lis.pipeline.compress
 
-    def wrapper(cfg, overwrite=False):
-        calls.append(cfg.run.name)
-        return real(cfg, overwrite)
+    def wrapper(cfg, overwrite=False, resume=False):
+        calls.append((cfg.run.name, resume))
+        return real(cfg, overwrite, resume)
 
     monkeypatch.setattr(lis.pipeline, "compress", wrapper)
     return calls
 
 
 @pytest.mark.slow
-def test_a_second_comparison_skips_finished_runs_and_reruns_only_unfinished_ones(digits_comparison, tmp_path,
+def test_a_second_comparison_skips_finished_runs_and_resumes_only_unfinished_ones(digits_comparison, tmp_path,
                                                                                   counted_compress, capsys):
     config, root, _ = digits_comparison
     shutil.copytree(root / "runs", tmp_path / "runs")
@@ -150,12 +152,17 @@ def test_a_second_comparison_skips_finished_runs_and_reruns_only_unfinished_ones
     assert out.count("skip (done)") == 6 and "[6/6] dean seed 1 skip (done)" in out
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
-    # an interrupted run: its directory exists but it never wrote summary.json
+    # an interrupted run: its directory exists but it never wrote summary.json; it continues from its last
+    # checkpoint (the end of fine-tuning here) and ends where the finished run ended
+    before = json.loads((cmp_dir / "dean-s1" / "summary.json").read_text())
     (cmp_dir / "dean-s1" / "summary.json").unlink()
     compare(config, POLICIES, SEEDS, overrides(tmp_path, root / "data"))
     out = capsys.readouterr().out
-    assert counted_compress == ["compare-digits/dean-s1"]
-    assert "[6/6] dean seed 1 ...\n" in out and out.count("skip (done)") == 5
+    assert counted_compress == [("compare-digits/dean-s1", True)]
+    assert "[6/6] dean seed 1 resume ...\n" in out and out.count("skip (done)") == 5
+    assert "resumed from finetune iteration" in (cmp_dir / "dean-s1" / "resume.log").read_text()
+    after = json.loads((cmp_dir / "dean-s1" / "summary.json").read_text())
+    assert after["student_acc"] == before["student_acc"] and after["params"] == before["params"]
     assert len(read_csv(cmp_dir / "comparison.csv")) == 6
 
 

@@ -20,7 +20,7 @@ import torch
 
 from lis import models
 from lis.cli import main
-from lis.config import load_config
+from lis.config import load_config, to_yaml
 from lis.dean import Dean
 from lis.teacher import save_teacher, teacher_key
 
@@ -60,12 +60,14 @@ FIXES = {
     "dean-missing": "fix policy.dean_checkpoint",
     "dean-corrupt": "point policy.dean_checkpoint at the dean.pt of a dean run",
     "cuda-unavailable": "use run.device=cpu or auto",
+    "run-exists": "continue it with 'lis compress --resume runs/earlier'",
+    "resume-not-a-run": "give the directory of a 'lis compress' run",
+    "resume-finished": "start a new run instead",
+    "resume-corrupt": "start the run again with --overwrite",
+    "resume-changes-run": "a resume may change only kdp.lr",
 }
-
-#: rows refused only after ``--overwrite`` has removed the run directory (lis.pipeline.compress loads
-#: teacher.checkpoint inside the new run directory); see test_overwrite_keeps_the_run_a_refused_command_would_replace
-LOADED_IN_THE_RUN = {"teacher-missing", "teacher-other-arch", "teacher-other-classes", "teacher-corrupt",
-                     "teacher-weights-mismatch"}
+#: rows whose command --overwrite changes (it replaces the existing run, or contradicts --resume)
+NOT_OVERWRITTEN = {"run-exists", "resume-not-a-run", "resume-finished", "resume-corrupt", "resume-changes-run"}
 
 QUIET = ["tracking.wandb=disabled"]
 
@@ -121,6 +123,12 @@ def template(tmp_path_factory) -> Path:
     (earlier / "config.yaml").write_text("run: {name: earlier}\n")
     torch.save(Dean().state_dict(), earlier / "dean.pt")
     (ws / "truncated-dean.pt").write_bytes((earlier / "dean.pt").read_bytes()[:500])
+    for name in ("finished", "interrupted"):
+        (ws / "runs" / name).mkdir()
+        cfg = load_config(REPO / "experiments" / "digits.yaml", [f"run.name={name}"])
+        (ws / "runs" / name / "config.yaml").write_text(to_yaml(cfg))
+    (ws / "runs" / "finished" / "summary.json").write_text('{"student_acc": 0.97}')
+    (ws / "runs" / "interrupted" / "checkpoint.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     return ws
 
 
@@ -167,10 +175,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(row_id, workspace, capsys):
     assert snapshot(workspace) == before
 
 
-@pytest.mark.parametrize("row_id", [
-    pytest.param(r, marks=pytest.mark.xfail(strict=True, reason="compress loads teacher.checkpoint after "
-                                                                "--overwrite has removed the run directory"))
-    if r in LOADED_IN_THE_RUN else r for r in FIXES])
+@pytest.mark.parametrize("row_id", sorted(set(FIXES) - NOT_OVERWRITTEN))
 def test_overwrite_keeps_the_run_a_refused_command_would_replace(row_id, workspace, capsys):
     for name in ("digits", "cifar10_resnet56", "imagenet_resnet50"):  # the run.name of every config used
         (workspace / "runs" / name).mkdir()
