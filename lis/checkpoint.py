@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from lis import dist
 from lis.errors import Interrupted, LISError
 from lis.run import MetricsLog, atomic_save
 
@@ -138,12 +139,13 @@ class Checkpointer:
         if self.phase != phase:
             return None
         state, self.resume = self.resume, None
-        self.log.truncate(state["log_offset"])
+        if dist.is_main():
+            self.log.truncate(state["log_offset"])
         return state
 
     def save(self, state: dict) -> None:
         """Write ``state`` (with ``phase`` and ``iter``) plus the RNG states and the log length."""
-        if self.path is None:
+        if self.path is None or not dist.is_main():
             return
         atomic_save({**self.context, **state, "rng": rng_state(), "log_offset": self.log.offset(), "elapsed": self.elapsed()},
                     self.path)
@@ -160,12 +162,12 @@ class Checkpointer:
 
     def step(self, it: int, state: Callable[[], dict]) -> None:
         """End of iteration ``it``: save ``state()`` if one is due; after a signal, save and stop."""
-        if self.stop.signum is not None:
+        if dist.any_(self.stop.signum is not None):  # under torchrun all processes stop at the same iteration
+            signum = self.stop.signum or signal.SIGTERM
             snapshot = state()
             self.save(snapshot)
-            name = signal.Signals(self.stop.signum).name
-            raise Interrupted(f"{name} at {snapshot['phase']} iteration {it}: saved a checkpoint; continue with "
-                              f"'lis compress --resume {self.path.parent}'", self.stop.signum)
+            raise Interrupted(f"{signal.Signals(signum).name} at {snapshot['phase']} iteration {it}: saved a "
+                              f"checkpoint; continue with 'lis compress --resume {self.path.parent}'", signum)
         if self.every_iters and it % self.every_iters == 0:
             self.save(state())
 

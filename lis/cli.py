@@ -177,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lis: interrupted", file=sys.stderr)
         return 130
+    finally:
+        import torch.distributed
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # under torchrun
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 
 import yaml
 
-from lis import pipeline
+from lis import dist, pipeline
 from lis.config import Config, load_config, to_yaml
 from lis.errors import LISError
 from lis.plots import draw_acc_vs_macs
@@ -241,6 +241,7 @@ def compare(config_path: str | Path, policies: Sequence[str], seeds: Sequence[in
     ``sweeps`` are ``"section.key=v1,v2,..."`` strings; several make a grid, and each combination is its own
     label ``fixed[policy.alpha=0.5]`` for the ``fixed`` policy (the other policies run once per seed).
     """
+    dist.init()
     policies, seeds = list(dict.fromkeys(policies)), list(dict.fromkeys(seeds))
     name = name or f"compare-{Path(config_path).stem}"
     runs = _plan(config_path, policies, seeds, overrides, sweeps, name)
@@ -248,17 +249,23 @@ def compare(config_path: str | Path, policies: Sequence[str], seeds: Sequence[in
 
     rows = []
     for i, (label, policy, seed, cfg) in enumerate(runs, 1):
+        dist.barrier()  # under torchrun: every process looks at the run directory before process 0 writes it
         run_dir = Path(cfg.run.dir) / cfg.run.name
         done, started = (run_dir / "summary.json").is_file(), (run_dir / "config.yaml").is_file()
         status = "skip (done)" if done else "resume ..." if started else "..."
-        print(f"[{i}/{len(runs)}] {label} seed {seed} {status}", flush=True)
+        if dist.is_main():
+            print(f"[{i}/{len(runs)}] {label} seed {seed} {status}", flush=True)
         if started:
             _check_same_config(run_dir, cfg)
         if not done:
             # an unfinished run (interrupted before its summary) continues from its last checkpoint
             run_dir = pipeline.compress(cfg, overwrite=not started, resume=started)
+        if not dist.is_main():
+            continue  # process 0 writes the summaries and the comparison
         rows.append(row_from_summary(label, json.loads((run_dir / "summary.json").read_text())))
 
+    if not dist.is_main():
+        return cmp_dir
     aggregated = aggregate(rows)
     write_csv(cmp_dir / "comparison.csv", rows)
     write_markdown(cmp_dir / "comparison.md", name, config_path, overrides, seeds, rows, aggregated)

@@ -34,6 +34,8 @@ class RunConfig:
     dir: str = "runs"  #: parent folder of run directories (and of the teacher cache)
     seed: int = 0  #: seeds python, numpy, torch and the batch order (not the teacher or the meta split)
     device: str = "auto"  #: ``auto`` (cuda when present), ``cpu``, ``cuda``, ``cuda:N``
+    amp: str = "off"  #: ``bf16``: forward passes under bfloat16 autocast (GPU speed); ``off``: float32
+    channels_last: bool = False  #: channels_last memory layout for 2-D conv nets (GPU speed)
 
 
 @dataclass
@@ -158,6 +160,7 @@ CHOICES = {
     "kdp.feature_layers": ("all", "none"),
     "meta.backend": ("higher", "func"),
     "tracking.wandb": ("disabled", "offline", "online"),
+    "run.amp": ("off", "bf16"),
 }
 
 # (key, test, what the value must be)

@@ -110,22 +110,35 @@ class EpochSampler(Sampler[int]):
     ``set_epoch(e, start)`` and its next pass is epoch ``e`` from sample
     ``start`` on: exactly the samples the interrupted run had not seen yet,
     without loading the ones it had. Without ``shuffle`` the order is ``0..n-1``.
+
+    With ``world`` processes, each global batch of ``batch`` samples is cut
+    into ``world`` consecutive slices and process ``rank`` gets its slice, so
+    the processes together see the batches one process would (a last partial
+    global batch is dropped, so every process takes the same number of steps).
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1, batch: int = 1):
         self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world, self.batch = rank, world, batch
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Make the next pass epoch ``epoch``, from its ``start``-th sample on."""
+        """Make the next pass epoch ``epoch``, from its ``start``-th sample (of this process) on."""
         self.epoch, self.start = epoch, start
 
     def order(self, epoch: int) -> list[int]:
+        """This process's samples of epoch ``epoch``, in order."""
         if not self.shuffle:
-            return list(range(self.n))
-        # (seed, epoch) -> a generator seed through SeedSequence, so seed 1 epoch 0 is not seed 0 epoch 1
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
-        return torch.randperm(self.n, generator=g).tolist()
+            order = list(range(self.n))
+        else:
+            # (seed, epoch) -> a generator seed through SeedSequence, so seed 1 epoch 0 is not seed 0 epoch 1
+            seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).tolist()
+        if self.world == 1:
+            return order
+        part = self.batch // self.world
+        return [i for k in range(self.n // self.batch)
+                for i in order[k * self.batch + self.rank * part:k * self.batch + (self.rank + 1) * part]]
 
     def __iter__(self) -> Iterator[int]:
         order = self.order(self.epoch)[self.start:]
@@ -133,18 +146,28 @@ class EpochSampler(Sampler[int]):
         return iter(order)
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return (self.n if self.world == 1 else self.n // self.batch * (self.batch // self.world)) - self.start
 
 
-def make_loaders(splits: Splits, batch_size: int, num_workers: int = 0, seed: int = 0) -> Loaders:
+def make_loaders(splits: Splits, batch_size: int, num_workers: int = 0, seed: int = 0, rank: int = 0,
+                 world: int = 1) -> Loaders:
     """DataLoaders over ``splits``; the same ``seed`` gives the same train and meta order (an
-    ``EpochSampler`` each: every pass over a loader is its next epoch)."""
-    def loader(ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, sampler=EpochSampler(len(ds), seed, shuffle),
-                          num_workers=num_workers)
+    ``EpochSampler`` each: every pass over a loader is its next epoch). ``batch_size`` is the global
+    batch: with ``world`` processes each loads ``batch_size / world`` of it (the test set is not split)."""
+    if batch_size % world:
+        raise LISError(f"data.batch_size={batch_size} is the global batch and must divide evenly among the "
+                       f"{world} processes: make it a multiple of {world}")
 
-    return Loaders(train=loader(splits.train, True), meta=loader(splits.meta, True),
-                   test=loader(splits.test, False))
+    def loader(ds: Dataset, shuffle: bool, split: bool) -> DataLoader:
+        parts = world if split else 1
+        sampler = EpochSampler(len(ds), seed, shuffle, rank if split else 0, parts, batch_size)
+        if split and len(ds) and not len(sampler):
+            raise LISError(f"a split of {len(ds)} samples is smaller than one global batch (data.batch_size="
+                           f"{batch_size}) and {world} processes drop partial batches: lower data.batch_size")
+        return DataLoader(ds, batch_size=batch_size // parts, sampler=sampler, num_workers=num_workers)
+
+    return Loaders(train=loader(splits.train, True, True), meta=loader(splits.meta, True, True),
+                   test=loader(splits.test, False, False))
 
 
 def seek(loader: Iterable, epoch: int, batch: int = 0) -> None:
@@ -162,7 +185,7 @@ def batches_from(loader: Iterable, start: int = 0) -> Iterator:
     sequence on (a resumed run draws the meta batch the interrupted run would have drawn next)."""
     sampler = getattr(loader, "sampler", None)
     if isinstance(sampler, EpochSampler):
-        seek(loader, *divmod(start, max(-(-sampler.n // loader.batch_size), 1)))
+        seek(loader, *divmod(start, max(-(-len(sampler) // loader.batch_size), 1)))
         while True:
             yield from loader
     yield from itertools.islice(itertools.cycle(loader), start, None)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lis import dist
 from lis.admm import ADMMState, group_rows
 from lis.dean import Dean
 from lis.school import Classroom
@@ -126,5 +127,6 @@ class MetaLearner:
         loss, ce = self.objective(student, room, admm, signals, batch, meta_batch, lr)
         self.opt.zero_grad(set_to_none=True)
         loss.backward(inputs=list(self.dean.parameters()))
+        dist.average_([p.grad for p in self.dean.parameters() if p.grad is not None])  # the same dean everywhere
         self.opt.step()
         return {"meta_loss": loss.item(), "meta_ce": ce.item()}

@@ -11,12 +11,13 @@ import copy
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
-from lis import checkpoint, models
+from lis import checkpoint, dist, models
 from lis.admm import ADMMState
 from lis.baselines import EXTERNAL, ONE_SHOT, l1_masks, reinit_, tp_group_norm
 from lis.checkpoint import Checkpointer, on_signals
@@ -30,9 +31,9 @@ from lis.plots import plot_run
 from lis.policy import Policy, Weights, create_policy
 from lis.prune import hard_prune
 from lis.report import format_summary, summarize, write_report
-from lis.run import (MetricsLog, atomic_save, atomic_write_text, existing_run_dir, new_run_dir, resolve_device,
+from lis.run import (MetricsLog, NullLog, atomic_save, atomic_write_text, existing_run_dir, new_run_dir, resolve_device,
                      seed_everything)
-from lis.school import Classroom, KDPSettings, finetune, kdp
+from lis.school import Classroom, KDPSettings, Precision, finetune, kdp
 from lis.signals import SignalTracker
 from lis.teacher import get_teacher, load_teacher, save_teacher, teacher_key, train_teacher
 
@@ -43,7 +44,8 @@ def load_data(cfg: Config) -> tuple[Splits, Loaders]:
     # training set, whatever run.seed; run.seed orders the batches
     splits = build_splits(d.name, d.root, download=d.download, meta_fraction=d.meta_fraction, seed=0,
                           image_size=d.image_size, num_classes=d.num_classes, fake_size=d.fake_size)
-    return splits, make_loaders(splits, d.batch_size, d.num_workers, seed=cfg.run.seed)
+    return splits, make_loaders(splits, d.batch_size, d.num_workers, seed=cfg.run.seed, rank=dist.rank(),
+                                world=dist.world())
 
 
 def train_teacher_job(cfg: Config, overwrite: bool = False) -> Path:
@@ -149,21 +151,35 @@ def _recipe(cfg: Config, student: nn.Module, room: Classroom, groups: list[Chann
         return small, None, policy(SignalTracker(len(groups)).state()).detached()
     settings = KDPSettings(epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
                            admm_interval=cfg.admm.interval, signals_interval=cfg.signals.interval,
-                           ema=cfg.signals.ema, meta_interval=cfg.meta.interval)
+                           ema=cfg.signals.ema, meta_interval=cfg.meta.interval, precision=precision(cfg))
     meta_step = None
     if name == "dean":
         meta_step = MetaLearner(policy, lr=cfg.meta.lr, unroll=cfg.meta.unroll, beta=cfg.meta.beta,
                                 backend=cfg.meta.backend)
     _, weights = kdp(student, room, groups, admm, policy, loaders.train, loaders.test, device, settings, log.log,
                      meta_step=meta_step, meta_batches=loaders.meta, ckpt=ckpt)
-    if name == "dean":
-        atomic_save(policy.state_dict(), log.path.parent / "dean.pt")
+    if name == "dean" and dist.is_main():
+        atomic_save(policy.state_dict(), Path(cfg.run.dir) / cfg.run.name / "dean.pt")
     if name == "kd_only":
         # no ADMM pull was applied: prune by magnitude, i.e. project W itself (U = 0)
         admm.U = {n: torch.zeros_like(u) for n, u in admm.U.items()}
         admm.project(student)
     # hard prune: zero what lies outside Z's support, then physically remove it
     return hard_prune(student, groups, admm.masks, example), admm.masks, weights
+
+
+def precision(cfg: Config) -> Precision:
+    return Precision(amp=cfg.run.amp == "bf16", channels_last=cfg.run.channels_last)
+
+
+@contextmanager
+def _run_dir(cfg: Config, overwrite: bool, resume: bool) -> Iterator[Path]:
+    """The run directory: created (or, to resume, found) by process 0; the others only know its path."""
+    if not dist.is_main():
+        yield Path(cfg.run.dir) / cfg.run.name
+        return
+    with existing_run_dir(cfg) if resume else new_run_dir(cfg, overwrite, resumable=True) as path:
+        yield path
 
 
 def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path:
@@ -175,7 +191,8 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
     checkpoint (``resume_config`` gives its config), or from the start if it
     stopped before the first one.
     """
-    device = resolve_device(cfg.run.device)
+    dist.init()  # under torchrun: join the other processes (process 0 alone writes the run directory)
+    device = resolve_device(dist.device(cfg.run.device))
     splits, loaders = load_data(cfg)
     # fail on user mistakes before anything is written or trained
     seed_everything(cfg.run.seed)  # the dean's initial weights
@@ -189,9 +206,9 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
     plan(models.create(cfg.student.model or cfg.model.name, splits.num_classes).to(device), example, cfg)
     state = checkpoint.load(Path(cfg.run.dir) / cfg.run.name) if resume else None
 
-    with (existing_run_dir(cfg) if resume else new_run_dir(cfg, overwrite, resumable=True)) as run_dir, \
-            MetricsLog(run_dir, cfg) as log, on_signals() as stop:
-        if resume:
+    with _run_dir(cfg, overwrite, resume) as run_dir, \
+            (MetricsLog(run_dir, cfg) if dist.is_main() else NullLog()) as log, on_signals() as stop:
+        if resume and dist.is_main():
             _note_resume(run_dir, cfg, state)
             if state is None:
                 log.truncate(0)  # stopped before its first checkpoint: start again, in place
@@ -230,7 +247,7 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
             metrics = finetune(small, small_room, weights, loaders.train, loaders.test, device,
                                epochs=f.epochs + (k.epochs if cfg.policy.name in ONE_SHOT else 0), lr=f.lr,
                                momentum=k.momentum, weight_decay=k.weight_decay, log=log.log, ckpt=ckpt,
-                               resumed=resumed)
+                               resumed=resumed, precision=precision(cfg))
         except NumericalFault as e:
             raise NumericalFault(f"{e}: stopped, {ckpt.describe()}; continue with a lower learning rate, e.g. "
                                  f"'lis compress --resume {run_dir} kdp.lr={cfg.kdp.lr / 10:g} "
@@ -241,6 +258,8 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
         summary = summarize(cfg, teacher, small, splits.input_shape, teacher_acc, metrics["acc"], ckpt.elapsed(),
                             layers, [g.num_channels for g in groups], kept)
         log.log({"phase": "summary", **{k: v for k, v in summary.items() if not isinstance(v, (list, dict))}})
+        if not dist.is_main():
+            return run_dir
         atomic_save(small.cpu(), run_dir / "student.pt")
         write_report(run_dir, summary)
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))  # the run is finished

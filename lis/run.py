@@ -184,6 +184,31 @@ class MetricsLog:
         self.close()
 
 
+class NullLog:
+    """The metrics log of a process that does not write (under torchrun, every process but the first)."""
+
+    path = None
+    layer_names: list[str] = []
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def log_images(self, paths: Iterable[Path]) -> None:
+        pass
+
+    def offset(self) -> int:
+        return 0
+
+    def truncate(self, offset: int) -> None:
+        pass
+
+    def __enter__(self) -> "NullLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def atomic_save(obj, path: Path) -> None:
     """``torch.save`` to a temporary file, fsync, then rename: a crash never leaves half a file."""
     path = Path(path)

@@ -20,7 +20,8 @@ the small student with the same losses (adapters bridge the width change).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lis import dist
 from lis.admm import ADMMState, rows
 from lis.checkpoint import Checkpointer, set_rng_state
 from lis.data import batches_from, seek
@@ -118,6 +120,27 @@ def _probe(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> dic
 
 
 @dataclass
+class Precision:
+    """GPU speed options: bf16 autocast of the forward passes and the channels_last memory layout."""
+
+    amp: bool = False
+    channels_last: bool = False
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def prepare(self, *models: nn.Module) -> None:
+        if self.channels_last:
+            for m in models:
+                m.to(memory_format=torch.channels_last)  # 4-D weights only
+
+    def inputs(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.to(device, memory_format=torch.channels_last)
+        return x.to(device)
+
+
+@dataclass
 class KDPSettings:
     epochs: int
     lr: float
@@ -127,6 +150,7 @@ class KDPSettings:
     signals_interval: int
     ema: float
     meta_interval: int
+    precision: Precision = field(default_factory=Precision)
 
 
 def _grad_rows(grads: dict[str, torch.Tensor], group: ChannelGroup) -> torch.Tensor:
@@ -141,7 +165,7 @@ def guard(where: str, checks: Checks) -> None:
     (the iteration) and the layer. ``checks`` maps a quantity to its value and the names of its entries
     (None: a single value). One device sync for all of them; the search for the culprit only on a fault."""
     flat = torch.cat([v.detach().reshape(-1).float() for v, _ in checks.values()])
-    if bool(torch.isfinite(flat).all()):
+    if not dist.any_(not bool(torch.isfinite(flat).all())):  # processes of one run stop together
         return
     for quantity, (value, names) in checks.items():
         bad = (~torch.isfinite(value.detach().reshape(-1))).nonzero().flatten().tolist()
@@ -149,6 +173,7 @@ def guard(where: str, checks: Checks) -> None:
             kind = "NaN" if value.detach().reshape(-1)[bad[0]].isnan() else "Inf"
             at = "" if names is None else f" of {names[bad[0]]}"
             raise NumericalFault(f"{quantity}{at} is {kind} at {where}")
+    raise NumericalFault(f"a NaN or Inf in another process at {where}")
 
 
 def _grad_checks(named: Sequence[tuple[str, nn.Parameter]]) -> Checks:
@@ -246,6 +271,10 @@ def kdp(
         n_meta = resumed["meta_batches"]
         metrics, it, first_epoch, first_batch = _restore(resumed, s.lr, room, opt, sched)
     meta_iter = batches_from(meta_batches, n_meta) if meta_step is not None else None
+    precision = s.precision
+    precision.prepare(student, room.teacher[0])
+    replica = dist.wrap(student)
+    adapter_grads = lambda: [p.grad for p in room.adapters.parameters() if p.grad is not None]  # noqa: E731
 
     with ckpt.armed():
         for epoch in progress(range(first_epoch, s.epochs), desc="kdp"):
@@ -254,31 +283,35 @@ def kdp(
             seek(train, epoch, batch)
             for x, y in train:
                 where = f"KDP iteration {it + 1} (epoch {epoch})"
-                x, y = x.to(device), y.to(device)
+                x, y = precision.inputs(x, device), y.to(device)
                 # 1. the policy reads the smoothed state
                 w = policy(tracker.state()).detached()
-                # 2. teacher and student forward
-                lesson = room.lesson(student, x, y)
-                kd = lesson.distillation(w)
+                # 2. teacher and student forward (under torchrun: the DDP replica's forward)
+                measure = it % s.signals_interval == 0
+                with dist.no_sync(replica) if measure else nullcontext(), precision.autocast(device):
+                    lesson = room.lesson(student, x, y, forward=replica)
+                    kd = lesson.distillation(w)
                 # 3. backward; on measurement iterations CE and KD separately (distillability)
                 opt.zero_grad(set_to_none=True)
-                measure = it % s.signals_interval == 0
                 if measure:
                     # a policy that does not distil still gets a distillability curve, with unit weights
                     kd_signal = kd if w.distils() else lesson.kd_logit + lesson.kd_feat.sum()
                     g_ce = dict(zip(names, torch.autograd.grad(lesson.ce, params, retain_graph=True,
                                                                materialize_grads=True)))
                     g_kd = dict(zip(names, torch.autograd.grad(kd_signal, params, materialize_grads=True)))
+                    losses = torch.stack([lesson.ce.detach(), kd_signal.detach()]).float()
+                    dist.average_([*g_ce.values(), *g_kd.values(), losses])  # every process: the same signals
                     tracker.update(Signals(
                         distillability=distillability([_grad_rows(g_kd, g) for g in groups],
                                                       [_grad_rows(g_ce, g) for g in groups]),
                         sparsity=sparsity(student, groups), admm_gap=admm.gap(student),
                         keep_ratio=admm.keep_ratio(), progress=it / total,
-                        ce=lesson.ce.item(), kd=kd_signal.item()))
+                        ce=losses[0].item(), kd=losses[1].item()))
                     for n, p in zip(names, params):
                         p.grad = g_ce[n] + g_kd[n] if w.distils() else g_ce[n]
                 else:
-                    (lesson.ce + kd).backward()
+                    (lesson.ce + kd).backward()  # DDP averages the student's gradients
+                    dist.average_(adapter_grads())
                 # 4. the ADMM pull towards the sparse copy Z, then the SGD step (if all is finite)
                 admm.penalty_grad_(student, w.rho)
                 guard(where, {"the CE loss": (lesson.ce, None), "the KD_logit loss": (lesson.kd_logit, None),
@@ -318,7 +351,8 @@ def kdp(
 
 def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataLoader, test: DataLoader,
              device: torch.device, *, epochs: int, lr: float, momentum: float, weight_decay: float,
-             log: Log, ckpt: Optional[Checkpointer] = None, resumed: Optional[dict] = None) -> dict:
+             log: Log, ckpt: Optional[Checkpointer] = None, resumed: Optional[dict] = None,
+             precision: Precision = Precision()) -> dict:
     """Teach the pruned student with fixed weights (CE + distillation, no ADMM); last epoch's test metrics.
 
     ``ckpt`` saves (phase ``finetune``) before the first step, at epoch ends
@@ -342,6 +376,8 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
         ckpt.save(state(0, 0))
     else:
         metrics, it, first_epoch, first_batch = _restore(resumed, lr, room, opt, sched)
+    precision.prepare(student, room.teacher[0])
+    replica = dist.wrap(student)
 
     with ckpt.armed():
         for epoch in progress(range(first_epoch, epochs), desc="finetune"):
@@ -349,11 +385,13 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
             batch = first_batch if epoch == first_epoch else 0
             seek(train, epoch, batch)
             for x, y in train:
-                x, y = x.to(device), y.to(device)
-                lesson = room.lesson(student, x, y)
-                loss = lesson.ce + lesson.distillation(weights) if weights.distils() else lesson.ce
+                x, y = precision.inputs(x, device), y.to(device)
+                with precision.autocast(device):
+                    lesson = room.lesson(student, x, y, forward=replica)
+                    loss = lesson.ce + lesson.distillation(weights) if weights.distils() else lesson.ce
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # DDP averages the student's gradients
+                dist.average_([p.grad for p in room.adapters.parameters() if p.grad is not None])
                 guard(f"fine-tuning iteration {it + 1} (epoch {epoch})",
                       {"the fine-tuning loss": (loss, None), **_grad_checks(named)})
                 opt.step()

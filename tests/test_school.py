@@ -1,6 +1,7 @@
 """The compression pipeline end to end on shrunken configs: KDP -> hard prune -> fine-tune -> report."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -161,3 +162,14 @@ def test_a_measured_iteration_updates_like_a_plain_one():
     _iterations(measured, *rest_b, [batch, second], signals_interval=1)  # both iterations measured
     for (n, a), b in zip(plain.named_parameters(), measured.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("option", ["run.amp=bf16", "run.channels_last=true"])
+def test_gpu_speed_options_run_and_stay_close_to_float32(dirs, option):
+    # on the 2-D digits CNN (channels_last applies to 4-D tensors); bf16 autocast works on CPU too
+    _, _, plain, _ = run(dirs, f"plain-{option}", "policy.name=fixed", config="experiments/digits.yaml")
+    _, run_dir, fast, records = run(dirs, f"fast-{option}", "policy.name=fixed", option,
+                                    config="experiments/digits.yaml")
+    assert fast["params"] == plain["params"] and fast["macs"] == plain["macs"]
+    assert abs(fast["student_acc"] - plain["student_acc"]) < 0.1
+    assert all(math.isfinite(r["ce"]) for r in kdp_steps(records))
