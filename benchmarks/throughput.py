@@ -55,9 +55,9 @@ a CPU the timings are noisy when the machine is shared; the ratios less so.
     python benchmarks/throughput.py                                   # both models, CUDA when present
     python benchmarks/throughput.py --models resnet56 --device cpu --batch 32
 
-No ``--amp`` or ``--channels-last`` yet: when this was written neither
-``lis.school.kdp`` nor ``lis.train.fit`` took such an option, so the three
-loops could not run that way side by side.
+``--amp`` and ``--channels-last`` run all three loops with bf16 autocast and
+the channels_last layout (``lis.train.Precision``, what ``run.amp=bf16`` and
+``run.channels_last=true`` do).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ from lis.meta import MetaLearner
 from lis.pipeline import build_policy, plan
 from lis.policy import create_policy
 from lis.school import Classroom, KDPSettings, kdp
-from lis.train import fit
+from lis.train import Precision, fit
 
 TARGET = 0.6  #: the dean's throughput must be at least this fraction of the fixed policy's (issue #8)
 POOL = 8  #: distinct random batches per model, handed out in turn
@@ -151,14 +151,15 @@ def build(model: Model, device: torch.device, batch: int) -> Bench:
     return Bench(model, device, batch, teacher, student, torch.zeros(2, *shape, device=device), pool)
 
 
-def seconds(b: Bench, loop: str, warmup: int, iters: int, cfg: Config) -> float:
+def seconds(b: Bench, loop: str, warmup: int, iters: int, cfg: Config, precision: Precision = Precision()) -> float:
     """Wall time of ``iters`` iterations of ``loop`` after ``warmup`` untimed ones, from a fresh student."""
     torch.manual_seed(1)  # the adapters and the dean start the same in every call
     student = copy.deepcopy(b.student)
     train = Stopwatch(b.pool, warmup, iters, b.device)
     k = cfg.kdp
     if loop == "plain":
-        fit(student, train, [], b.device, epochs=1, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
+        fit(student, train, [], b.device, epochs=1, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
+            precision=precision)
         return train.seconds
     groups, admm = plan(student, b.example, cfg)
     room = Classroom(b.teacher, student, [g.name for g in groups], [g.name for g in find_groups(b.teacher, b.example)],
@@ -171,7 +172,7 @@ def seconds(b: Bench, loop: str, warmup: int, iters: int, cfg: Config) -> float:
         meta_step = MetaLearner(policy, lr=m.lr, unroll=m.unroll, beta=m.beta, backend=m.backend)
     settings = KDPSettings(epochs=1, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
                            admm_interval=cfg.admm.interval, signals_interval=cfg.signals.interval,
-                           ema=cfg.signals.ema, meta_interval=m.interval)
+                           ema=cfg.signals.ema, meta_interval=m.interval, precision=precision)
     kdp(student, room, groups, admm, policy, train, [], b.device, settings, log=lambda record: None,
         meta_step=meta_step, meta_batches=b.pool[:1])
     return train.seconds
@@ -201,6 +202,9 @@ def parse_args(argv: list[str] | None = None, cfg: Config = Config()) -> argpars
                         help="the batch of every model (default: 128 for resnet56, 64 for resnet50)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: cuda when present, else cpu (default)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast in every loop (run.amp=bf16)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels_last memory layout in every loop (run.channels_last=true)")
     args = parser.parse_args(argv)
     args.models = [n.strip() for n in args.models.split(",") if n.strip()]
     for name in args.models:
@@ -242,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         rate = {}
         for loop in LOOPS:
             print(f"  {key}: {loop} ...", file=sys.stderr, flush=True)
-            s = seconds(b, loop, args.warmup, args.iters, cfg)
+            s = seconds(b, loop, args.warmup, args.iters, cfg, Precision(args.amp, args.channels_last))
             rate[loop] = args.iters * b.batch / s
             print(f"{model.name:<22}{b.batch:>6}  {loop:<6}{rate[loop]:>10.1f}{1000 * s / args.iters:>10.1f}",
                   flush=True)

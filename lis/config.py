@@ -36,6 +36,7 @@ class RunConfig:
     device: str = "auto"  #: ``auto`` (cuda when present), ``cpu``, ``cuda``, ``cuda:N``
     amp: str = "off"  #: ``bf16``: forward passes under bfloat16 autocast (GPU speed); ``off``: float32
     channels_last: bool = False  #: channels_last memory layout for 2-D conv nets (GPU speed)
+    sync_bn: bool = False  #: under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
 
 
 @dataclass

@@ -33,7 +33,8 @@ from lis.prune import hard_prune
 from lis.report import format_summary, summarize, write_report
 from lis.run import (MetricsLog, NullLog, atomic_save, atomic_write_text, existing_run_dir, new_run_dir, resolve_device,
                      seed_everything)
-from lis.school import Classroom, KDPSettings, Precision, finetune, kdp
+from lis.school import Classroom, KDPSettings, finetune, kdp
+from lis.train import Precision
 from lis.signals import SignalTracker
 from lis.teacher import get_teacher, load_teacher, save_teacher, teacher_key, train_teacher
 
@@ -197,6 +198,8 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
     # fail on user mistakes before anything is written or trained
     seed_everything(cfg.run.seed)  # the dean's initial weights
     policy = build_policy(cfg).to(device)
+    if cfg.run.sync_bn and device.type != "cuda":
+        raise LISError("run.sync_bn=true needs GPUs (SyncBatchNorm does not run on CPU): set run.sync_bn=false")
     if cfg.policy.name == "dean" and len(splits.meta) == 0:
         raise LISError("the dean needs a meta split but data.meta_fraction=0 leaves none: set it to e.g. 0.1")
     example = torch.zeros(2, *splits.input_shape, device=device)
@@ -226,6 +229,8 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
 
         # the sparse target: channel groups, their cost model, ADMM state with the budget
         groups, admm = plan(student, example, cfg)
+        if cfg.run.sync_bn and dist.world() > 1:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # in place: names and groups stay
         teacher_groups = find_groups(teacher, example)
         layers, teacher_layers = [g.name for g in groups], [g.name for g in teacher_groups]
         features = cfg.kdp.feature_layers == "all"

@@ -39,7 +39,7 @@ from lis.losses import Adapters, FeatureHooks, kd_feat, kd_logit, pair_layers
 from lis.policy import Policy, Weights
 from lis.run import progress
 from lis.signals import SignalTracker, Signals, distillability, sparsity
-from lis.train import evaluate
+from lis.train import Precision, evaluate
 
 Log = Callable[[dict], None]
 
@@ -117,27 +117,6 @@ def _probe(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> dic
         model(example)
     model.train(was_training)
     return feats.maps
-
-
-@dataclass
-class Precision:
-    """GPU speed options: bf16 autocast of the forward passes and the channels_last memory layout."""
-
-    amp: bool = False
-    channels_last: bool = False
-
-    def autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp)
-
-    def prepare(self, *models: nn.Module) -> None:
-        if self.channels_last:
-            for m in models:
-                m.to(memory_format=torch.channels_last)  # 4-D weights only
-
-    def inputs(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-        if self.channels_last and x.dim() == 4:
-            return x.to(device, memory_format=torch.channels_last)
-        return x.to(device)
 
 
 @dataclass

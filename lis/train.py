@@ -8,6 +8,7 @@ schedule stepped once per epoch, evaluation on the test split every epoch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -47,6 +48,27 @@ def scheduler(opt: torch.optim.Optimizer, schedule: str, epochs: int) -> torch.o
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
 
 
+@dataclass
+class Precision:
+    """GPU speed options: bf16 autocast of the forward passes and the channels_last memory layout."""
+
+    amp: bool = False
+    channels_last: bool = False
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def prepare(self, *models: nn.Module) -> None:
+        if self.channels_last:
+            for m in models:
+                m.to(memory_format=torch.channels_last)  # 4-D weights only
+
+    def inputs(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.to(device, memory_format=torch.channels_last)
+        return x.to(device)
+
+
 def fit(
     model: nn.Module,
     train_loader: DataLoader,
@@ -61,9 +83,12 @@ def fit(
     label_smoothing: float = 0.0,
     log: Optional[Callable[[dict], None]] = None,
     desc: str = "train",
+    precision: Optional[Precision] = None,
 ) -> dict:
     """Train ``model`` with cross-entropy; returns the last epoch's test metrics. A NaN or Inf loss stops it
     (``NumericalFault``) before the step that would spread it into the weights."""
+    precision = precision or Precision()
+    precision.prepare(model)
     opt = sgd(model, lr, momentum, weight_decay)
     sched = scheduler(opt, schedule, epochs)
     metrics = evaluate(model, test_loader, device) if epochs == 0 else {}
@@ -71,8 +96,9 @@ def fit(
         model.train()
         total, n = 0.0, 0
         for i, (x, y) in enumerate(train_loader):
-            x, y = x.to(device), y.to(device)
-            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+            x, y = precision.inputs(x, device), y.to(device)
+            with precision.autocast(device):
+                loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
             value = loss.item()
             if not math.isfinite(value):
                 raise NumericalFault(f"the {desc} loss is {value} at {desc} epoch {epoch + 1}, iteration {i + 1}")
