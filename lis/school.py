@@ -160,6 +160,11 @@ def _grad_checks(named: Sequence[tuple[str, nn.Parameter]]) -> Checks:
     return {"the gradient": (torch.stack([g.norm() for _, g in with_grad]), [n for n, _ in with_grad])}
 
 
+def _average_grads(module: nn.Module) -> None:
+    """Under torchrun, average ``module``'s gradients over the processes (the adapters are not in DDP)."""
+    dist.average_([p.grad for p in module.parameters() if p.grad is not None])
+
+
 def _snapshot(phase: str, it: int, epoch: int, batch: int, lr: float, metrics: dict, room: Classroom,
               opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler) -> dict:
     """What every training loop's checkpoint holds: where it is, its last metrics, adapters and optimizer."""
@@ -253,7 +258,6 @@ def kdp(
     precision = s.precision
     precision.prepare(student, room.teacher[0])
     replica = dist.wrap(student)
-    adapter_grads = lambda: [p.grad for p in room.adapters.parameters() if p.grad is not None]  # noqa: E731
 
     with ckpt.armed():
         for epoch in progress(range(first_epoch, s.epochs), desc="kdp"):
@@ -290,7 +294,7 @@ def kdp(
                         p.grad = g_ce[n] + g_kd[n] if w.distils() else g_ce[n]
                 else:
                     (lesson.ce + kd).backward()  # DDP averages the student's gradients
-                    dist.average_(adapter_grads())
+                    _average_grads(room.adapters)
                 # 4. the ADMM pull towards the sparse copy Z, then the SGD step (if all is finite)
                 admm.penalty_grad_(student, w.rho)
                 guard(where, {"the CE loss": (lesson.ce, None), "the KD_logit loss": (lesson.kd_logit, None),
@@ -370,7 +374,7 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
                     loss = lesson.ce + lesson.distillation(weights) if weights.distils() else lesson.ce
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # DDP averages the student's gradients
-                dist.average_([p.grad for p in room.adapters.parameters() if p.grad is not None])
+                _average_grads(room.adapters)
                 guard(f"fine-tuning iteration {it + 1} (epoch {epoch})",
                       {"the fine-tuning loss": (loss, None), **_grad_checks(named)})
                 opt.step()
