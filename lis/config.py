@@ -82,6 +82,7 @@ class KDPConfig:
     weight_decay: float = 5.0e-4
     temperature: float = 4.0  #: Hinton temperature tau of the logit distillation
     feature_layers: str = "all"  #: all | none: which channel groups get a feature-distillation term
+    feature_loss: str = "maps"  #: maps: L2-normalised maps | attention: attention transfer (width-free)
 
 
 @dataclass
@@ -159,6 +160,7 @@ CHOICES = {
     "data.name": ("cifar10", "cifar100", "imagenet", "folder", "digits", "mnist1d", "fake"),
     "teacher.schedule": ("cosine", "step"),
     "kdp.feature_layers": ("all", "none"),
+    "kdp.feature_loss": ("maps", "attention"),
     "meta.backend": ("higher", "func"),
     "tracking.wandb": ("disabled", "offline", "online"),
     "run.amp": ("off", "bf16"),

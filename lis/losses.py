@@ -46,6 +46,19 @@ def kd_feat(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tenso
     return (s - t).pow(2).sum(1).mean()
 
 
+def kd_attention(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis, 2017): ``kd_feat`` of the spatial attention maps
+    mean_c F_c^2, which do not depend on the number or order of channels. A map with no spatial axis (a
+    hidden Linear layer) has no attention map and is compared as ``kd_feat`` does."""
+    if student_map.dim() == 2:
+        return kd_feat(student_map, teacher_map)
+    s, t = _match_spatial(student_map, teacher_map)
+    return kd_feat(s.pow(2).mean(1), t.pow(2).mean(1))
+
+
+FEATURE_LOSSES = {"maps": kd_feat, "attention": kd_attention}
+
+
 class FeatureHooks:
     """Context manager recording the outputs of named modules on every forward.
 

@@ -238,7 +238,7 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
             resumed = ckpt.restore("finetune")
             if resumed is None:
                 room = Classroom(teacher, student, layers, teacher_layers, example, cfg.kdp.temperature,
-                                 features=features).to(device)
+                                 features=features, feature_loss=cfg.kdp.feature_loss).to(device)
                 small, masks, weights = _recipe(cfg, student, room, groups, admm, policy, loaders, device, example,
                                                 log, ckpt)
             else:  # KDP (or the one-shot pruning) is done: continue fine-tuning the pruned student
@@ -247,7 +247,8 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
             keep_index = None if masks is None or cfg.policy.name == "scratch" else \
                 {g.name: masks[g.name].nonzero().flatten() for g in groups}
             small_room = Classroom(teacher, small, layers, teacher_layers, example, cfg.kdp.temperature,
-                                   features=features, init_index=keep_index).to(device)
+                                   features=features, init_index=keep_index,
+                                   feature_loss=cfg.kdp.feature_loss).to(device)
             k, f = cfg.kdp, cfg.finetune
             metrics = finetune(small, small_room, weights, loaders.train, loaders.test, device,
                                epochs=f.epochs + (k.epochs if cfg.policy.name in ONE_SHOT else 0), lr=f.lr,

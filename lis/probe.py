@@ -124,7 +124,7 @@ def probe(cfg: Config, out_dir: Optional[str | Path] = None, *, epochs: int = 3,
     names = [g.name for g in groups]
     teacher_names = [g.name for g in find_groups(teacher, example)]
     room = Classroom(teacher, student, names, teacher_names, example, cfg.kdp.temperature,
-                     features=cfg.kdp.feature_layers == "all").to(device)
+                     features=cfg.kdp.feature_layers == "all", feature_loss=cfg.kdp.feature_loss).to(device)
     n_epochs = min(cfg.kdp.epochs, epochs)
     settings = KDPSettings(epochs=n_epochs, lr=cfg.kdp.lr, momentum=cfg.kdp.momentum,
                            weight_decay=cfg.kdp.weight_decay, admm_interval=cfg.admm.interval,

@@ -35,7 +35,7 @@ from lis.checkpoint import Checkpointer, set_rng_state
 from lis.data import batches_from, seek
 from lis.errors import NumericalFault
 from lis.groups import ChannelGroup
-from lis.losses import Adapters, FeatureHooks, kd_feat, kd_logit, pair_layers
+from lis.losses import FEATURE_LOSSES, Adapters, FeatureHooks, kd_logit, pair_layers
 from lis.policy import Policy, Weights
 from lis.run import progress
 from lis.signals import SignalTracker, Signals, distillability, sparsity
@@ -76,13 +76,14 @@ class Classroom(nn.Module):
     ``layers`` are the student's channel-group root modules (the dean's L
     layers, in depth order); each is paired with the teacher group at the
     same relative depth. With ``features=False`` only the logits are distilled
-    (KD_feat is all zeros).
+    (KD_feat is all zeros). ``feature_loss`` names KD_feat (``lis.losses.FEATURE_LOSSES``).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, layers: Sequence[str], teacher_layers: Sequence[str],
                  example: torch.Tensor, temperature: float, features: bool = True,
-                 init_index: Optional[dict[str, torch.Tensor]] = None):
+                 init_index: Optional[dict[str, torch.Tensor]] = None, feature_loss: str = "maps"):
         super().__init__()
+        self.kd_feat = FEATURE_LOSSES[feature_loss]
         self.teacher = [teacher]  # a list, so the teacher is not a submodule (its weights stay out of optimizers)
         self.layers = list(layers)
         self.pairs = pair_layers(self.layers, teacher_layers) if features else []
@@ -104,7 +105,7 @@ class Classroom(nn.Module):
             logits = (forward or student)(x)
         feat = [logits.new_zeros(())] * len(self.layers)
         for s, t in self.pairs:
-            feat[self.layers.index(s)] = kd_feat(self.adapters(s, s_feats.maps[s]), t_feats.maps[t])
+            feat[self.layers.index(s)] = self.kd_feat(self.adapters(s, s_feats.maps[s]), t_feats.maps[t])
         return Lesson(logits, F.cross_entropy(logits, y), kd_logit(logits, t_logits, self.temperature),
                       torch.stack(feat))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lis.losses import Adapters, FeatureHooks, kd_feat, kd_logit, pair_layers
+from lis.losses import Adapters, FeatureHooks, kd_attention, kd_feat, kd_logit, pair_layers
 
 
 def softmax_by_hand(z):
@@ -100,6 +100,34 @@ def test_kd_feat_pools_maps_of_different_spatial_size():
     s1, t1 = torch.randn(2, 3, 10, generator=gen), torch.randn(2, 3, 5, generator=gen)
     pooled1 = s1.reshape(2, 3, 5, 2).mean(3)
     assert float(kd_feat(s1, t1)) == pytest.approx(kd_feat_by_hand(pooled1, t1), rel=1e-5)
+
+
+def test_kd_attention_by_hand():
+    gen = torch.Generator().manual_seed(5)
+    s, t = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 5, 4, generator=gen)
+
+    def attention(m):  # per sample and position: the mean over channels of the squares, then L2-normalised
+        out = []
+        for sample in m.tolist():
+            a = [sum(c[i] ** 2 for c in sample) / len(sample) for i in range(len(sample[0]))]
+            out.append([v / math.sqrt(sum(u * u for u in a)) for v in a])
+        return out
+
+    a_s, a_t = attention(s), attention(t)
+    by_hand = sum(sum((u - v) ** 2 for u, v in zip(p, q)) for p, q in zip(a_s, a_t)) / 2
+    assert float(kd_attention(s, t)) == pytest.approx(by_hand, rel=1e-5)  # 3 student channels, 5 teacher ones
+
+
+def test_kd_attention_ignores_channel_order_and_count_but_not_where_the_energy_is():
+    gen = torch.Generator().manual_seed(6)
+    t = torch.randn(2, 4, 6, 6, generator=gen)
+    # a student with half the channels, each carrying two teacher channels' energy, has the same attention
+    s = (t[:, 0::2].pow(2) + t[:, 1::2].pow(2)).sqrt()
+    assert abs(float(kd_attention(s.flip(1), t))) < 1e-6
+    assert float(kd_attention(s.roll(1, dims=3), t)) > 1e-3
+    # a hidden Linear layer has no positions: compared as kd_feat does
+    a, b = torch.randn(3, 6, generator=gen), torch.randn(3, 6, generator=gen)
+    assert float(kd_attention(a, b)) == float(kd_feat(a, b))
 
 
 # ---------------------------------------------------------------- hooks, pairing, adapters
