@@ -119,6 +119,8 @@ class MetaConfig:
     beta: float = 1.0  #: weight of the sparse-structure term of the meta objective
     lr: float = 1.0e-3  #: Adam learning rate of the dean
     backend: str = "higher"  #: higher | func
+    learn_rho: bool = True  #: false: the dean's r_l stay at policy.rho, it only sets the distillation weights
+    objective: str = "ce"  #: ce: CE(W') on the meta batch | pruned_ce: CE of W' masked to Z's support (the hard prune)
 
 
 @dataclass
@@ -162,6 +164,7 @@ CHOICES = {
     "kdp.feature_layers": ("all", "none"),
     "kdp.feature_loss": ("maps", "attention"),
     "meta.backend": ("higher", "func"),
+    "meta.objective": ("ce", "pruned_ce"),
     "tracking.wandb": ("disabled", "offline", "online"),
     "run.amp": ("off", "bf16"),
 }

@@ -14,6 +14,11 @@ cannot overflow into NaN. The output heads start at zero weight with biases
 chosen so that a fresh dean gives exactly the fixed-weight policy's constants
 (``init_alpha``, ``init_alpha_out``, ``init_rho``): the dean starts as the
 baseline it is compared against, and meta-learning moves it away from there.
+
+With ``learn_rho=False`` r_l stays at ``init_rho`` (the tuned constant of the
+fixed baselines) and the dean only sets the distillation weights: a one-step
+meta objective always asks for a stronger ADMM pull (it moves W' towards Z at
+once) and drives a learned r_l to r_max.
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ class Dean(Policy):
     """Per-layer MLP over the signals; see the module docstring for the outputs and bounds."""
 
     def __init__(self, hidden: int = 32, a_max: float = 2.0, r_min: float = 1e-4, r_max: float = 1.0,
-                 init_alpha: float = 1.0, init_alpha_out: float = 1.0, init_rho: float = 1e-3):
+                 init_alpha: float = 1.0, init_alpha_out: float = 1.0, init_rho: float = 1e-3,
+                 learn_rho: bool = True):
         super().__init__()
+        self.learn_rho, self.init_rho = learn_rho, min(max(init_rho, r_min), r_max)
         self.a_max, self.log_r_min, self.log_r_max = a_max, math.log(r_min), math.log(r_max)
         self.body = nn.Sequential(nn.Linear(len(FEATURES), hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
         self.layer_head = nn.Linear(hidden, 2)  # (a_l, r_l) before squashing
@@ -59,7 +66,8 @@ class Dean(Policy):
         h = self.body(signals.features().to(device=p.device, dtype=p.dtype).clamp(-10.0, 10.0))
         a, r = torch.sigmoid(self.layer_head(h)).unbind(1)
         alpha_out = self.a_max * torch.sigmoid(self.out_head(h.mean(0))).squeeze(0)
-        rho = torch.exp(self.log_r_min + r * (self.log_r_max - self.log_r_min))
+        rho = torch.exp(self.log_r_min + r * (self.log_r_max - self.log_r_min)) if self.learn_rho else \
+            torch.full_like(r, self.init_rho)
         return Weights(alpha_out, self.a_max * a, rho)
 
 

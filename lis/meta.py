@@ -7,7 +7,10 @@ Every ``meta.interval`` iterations:
    training batch, at the student's current learning rate (plain SGD: no
    momentum or weight decay in the unroll), giving W'(phi);
 3. L_meta = CE(W'; meta batch) + beta * sum_l ||W'_l - Z_l||^2 / ||W_l||^2
-   on a batch of the held-out meta split (never the test split);
+   on a batch of the held-out meta split (never the test split). With
+   ``objective="pruned_ce"`` the CE is that of W' masked to Z's support, i.e.
+   of the student as the hard prune would leave it now: distillation that
+   keeps the channels to be removed alive no longer looks free to the dean;
 4. an Adam step on phi.
 
 The real student's weights, optimizer state and BatchNorm statistics are not
@@ -70,11 +73,26 @@ def unroll_func(student: nn.Module, lr: float, unroll: int, step_loss: LossFn, m
 BACKENDS = {"higher": unroll_higher, "func": unroll_func}
 
 
+def _masked(params: Params, admm: ADMMState) -> dict[str, torch.Tensor]:
+    """``params`` with every channel outside Z's support zeroed (all its out-slices), differentiably."""
+    out = dict(params)
+    for g in admm.groups:
+        keep = admm.masks[g.name]
+        for name, dim in g.out_slices:
+            shape = [1] * out[name].dim()
+            shape[dim] = -1
+            out[name] = out[name] * keep.to(out[name].dtype).reshape(shape)
+    return out
+
+
 class MetaLearner:
     """Owns the dean's Adam optimizer and performs meta steps; called by the KDP loop."""
 
-    def __init__(self, dean: Dean, *, lr: float, unroll: int = 1, beta: float = 1.0, backend: str = "higher"):
-        self.dean, self.unroll, self.beta, self.lr = dean, unroll, beta, lr
+    def __init__(self, dean: Dean, *, lr: float, unroll: int = 1, beta: float = 1.0, backend: str = "higher",
+                 objective: str = "ce"):
+        if objective not in ("ce", "pruned_ce"):
+            raise ValueError(f"objective must be 'ce' or 'pruned_ce', got {objective!r}")
+        self.dean, self.unroll, self.beta, self.lr, self.meta_objective = dean, unroll, beta, lr, objective
         self.unroll_fn = BACKENDS[backend]
         self.opt = torch.optim.Adam(dean.parameters(), lr=lr)
 
@@ -105,7 +123,12 @@ class MetaLearner:
             return lesson.ce + lesson.distillation(w) + admm.penalty(p, w.rho)
 
         def meta_loss(module: nn.Module, p: Params, forward) -> torch.Tensor:
-            parts["ce"] = F.cross_entropy(forward(xm), ym)
+            if self.meta_objective == "pruned_ce":
+                # BN statistics move on copies (the unroll's graph holds the real buffers)
+                state = {**_masked(p, admm), **{n: b.clone() for n, b in student.named_buffers()}}
+                parts["ce"] = F.cross_entropy(torch.func.functional_call(student, state, (xm,)), ym)
+            else:
+                parts["ce"] = F.cross_entropy(forward(xm), ym)
             close = sum((group_rows(p, g) - admm.Z[g.name]).pow(2).sum() / w_norm2[g.name] for g in admm.groups)
             return parts["ce"] + self.beta * close
 

@@ -69,7 +69,8 @@ def build_policy(cfg: Config) -> Policy:
     """The policy named by ``policy.name``: the dean (starting at the fixed constants) or a fixed preset."""
     p = cfg.policy
     if p.name == "dean":
-        return create_dean(p.dean_checkpoint, init_alpha=p.alpha, init_alpha_out=p.alpha_out, init_rho=p.rho)
+        return create_dean(p.dean_checkpoint, init_alpha=p.alpha, init_alpha_out=p.alpha_out, init_rho=p.rho,
+                           learn_rho=cfg.meta.learn_rho)
     return create_policy(p.name, alpha_out=p.alpha_out, alpha=p.alpha, rho=p.rho)
 
 
@@ -156,7 +157,7 @@ def _recipe(cfg: Config, student: nn.Module, room: Classroom, groups: list[Chann
     meta_step = None
     if name == "dean":
         meta_step = MetaLearner(policy, lr=cfg.meta.lr, unroll=cfg.meta.unroll, beta=cfg.meta.beta,
-                                backend=cfg.meta.backend)
+                                backend=cfg.meta.backend, objective=cfg.meta.objective)
     _, weights = kdp(student, room, groups, admm, policy, loaders.train, loaders.test, device, settings, log.log,
                      meta_step=meta_step, meta_batches=loaders.meta, ckpt=ckpt)
     if name == "dean" and dist.is_main():

@@ -84,3 +84,13 @@ def test_rho_is_log_scaled_between_bounds():
         dean.layer_head.bias.copy_(torch.tensor([0.0, 0.0]))  # sigmoid 0.5: geometric mean of the bounds
     w = dean(signals(3))
     torch.testing.assert_close(w.rho, torch.full((3,), math.sqrt(1e-4 * 1e-2)))
+
+
+def test_a_dean_that_does_not_learn_rho_keeps_the_constant():
+    dean = Dean(init_rho=0.1, learn_rho=False)
+    with torch.no_grad():
+        for p in dean.parameters():
+            p.add_(torch.randn_like(p))
+    w = dean(signals(5, torch.randn(4, 5)))
+    torch.testing.assert_close(w.rho, torch.full((5,), 0.1))
+    assert not torch.allclose(w.alpha, torch.full((5,), 1.0))

@@ -121,3 +121,23 @@ def test_meta_step_leaves_the_student_untouched(backend):
         assert torch.equal(state["momentum_buffer"], after_opt["state"][key]["momentum_buffer"])
     # ... while the dean did learn
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before_dean, dean.parameters()))
+
+
+@pytest.mark.parametrize("backend", ["higher", "func"])
+def test_pruned_ce_objective_agrees_across_backends_and_sees_the_mask(backend):
+    student, room, admm, dean, signals, batch, meta_batch = setup()
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    losses = {}
+    for objective in ("ce", "pruned_ce"):
+        learner = MetaLearner(dean, lr=1e-3, beta=0.7, backend=backend, objective=objective)
+        loss, ce = learner.objective(student, room, admm, signals, batch, meta_batch, lr=0.5)
+        grads = torch.autograd.grad(loss, list(dean.parameters()), allow_unused=True)
+        assert all(g is None or torch.isfinite(g).all() for g in grads)
+        losses[objective] = ce.item()
+    assert losses["ce"] != pytest.approx(losses["pruned_ce"])  # half the parameters' channels are masked
+    other = MetaLearner(dean, lr=1e-3, beta=0.7, backend="func" if backend == "higher" else "higher",
+                        objective="pruned_ce")
+    torch.testing.assert_close(other.objective(student, room, admm, signals, batch, meta_batch, lr=0.5)[1],
+                               torch.tensor(losses["pruned_ce"], dtype=torch.float64))
+    for n, p in student.named_parameters():
+        torch.testing.assert_close(p, before[n])
