@@ -118,6 +118,7 @@ class MetaConfig:
     unroll: int = 1  #: differentiable student steps per meta step
     beta: float = 1.0  #: weight of the sparse-structure term of the meta objective
     lr: float = 1.0e-3  #: Adam learning rate of the dean
+    batch_size: Optional[int] = None  #: samples of the meta split per meta step (null: data.batch_size)
     backend: str = "higher"  #: higher | func
     learn_rho: bool = True  #: false: the dean's r_l stay at policy.rho, it only sets the distillation weights
     objective: str = "ce"  #: ce: CE(W') on the meta batch | pruned_ce: CE of W' masked to Z's support (the hard prune)
@@ -200,6 +201,7 @@ RANGES = [
     ("meta.unroll", lambda v: v >= 1, "an integer >= 1"),
     ("meta.beta", lambda v: v >= 0, "a number >= 0"),
     ("meta.lr", lambda v: v > 0, "a positive number"),
+    ("meta.batch_size", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     ("finetune.epochs", lambda v: v >= 0, "an integer >= 0"),
     ("finetune.lr", lambda v: v > 0, "a positive number"),
     ("checkpoint.every_iters", lambda v: v >= 0, "an integer >= 0"),

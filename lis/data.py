@@ -25,7 +25,7 @@ import os
 import random
 import tempfile
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -150,23 +150,27 @@ class EpochSampler(Sampler[int]):
 
 
 def make_loaders(splits: Splits, batch_size: int, num_workers: int = 0, seed: int = 0, rank: int = 0,
-                 world: int = 1) -> Loaders:
+                 world: int = 1, meta_batch_size: Optional[int] = None) -> Loaders:
     """DataLoaders over ``splits``; the same ``seed`` gives the same train and meta order (an
     ``EpochSampler`` each: every pass over a loader is its next epoch). ``batch_size`` is the global
-    batch: with ``world`` processes each loads ``batch_size / world`` of it (the test set is not split)."""
-    if batch_size % world:
-        raise LISError(f"data.batch_size={batch_size} is the global batch and must divide evenly among the "
-                       f"{world} processes: make it a multiple of {world}")
+    batch: with ``world`` processes each loads ``batch_size / world`` of it (the test set is not split).
+    The meta loader's batch is ``meta_batch_size`` (default ``batch_size``)."""
+    meta_batch_size = meta_batch_size or batch_size
+    for key, size in (("data.batch_size", batch_size), ("meta.batch_size", meta_batch_size)):
+        if size % world:
+            raise LISError(f"{key}={size} is a global batch and must divide evenly among the "
+                           f"{world} processes: make it a multiple of {world}")
 
-    def loader(ds: Dataset, shuffle: bool, split: bool) -> DataLoader:
+    def loader(ds: Dataset, shuffle: bool, split: bool, batch_size: int = batch_size,
+               key: str = "data.batch_size") -> DataLoader:
         parts = world if split else 1
         sampler = EpochSampler(len(ds), seed, shuffle, rank if split else 0, parts, batch_size)
         if split and len(ds) and not len(sampler):
-            raise LISError(f"a split of {len(ds)} samples is smaller than one global batch (data.batch_size="
-                           f"{batch_size}) and {world} processes drop partial batches: lower data.batch_size")
+            raise LISError(f"a split of {len(ds)} samples is smaller than one global batch ({key}="
+                           f"{batch_size}) and {world} processes drop partial batches: lower {key}")
         return DataLoader(ds, batch_size=batch_size // parts, sampler=sampler, num_workers=num_workers)
 
-    return Loaders(train=loader(splits.train, True, True), meta=loader(splits.meta, True, True),
+    return Loaders(train=loader(splits.train, True, True), meta=loader(splits.meta, True, True, meta_batch_size, "meta.batch_size"),
                    test=loader(splits.test, False, False))
 
 

@@ -46,7 +46,7 @@ def load_data(cfg: Config) -> tuple[Splits, Loaders]:
     splits = build_splits(d.name, d.root, download=d.download, meta_fraction=d.meta_fraction, seed=0,
                           image_size=d.image_size, num_classes=d.num_classes, fake_size=d.fake_size)
     return splits, make_loaders(splits, d.batch_size, d.num_workers, seed=cfg.run.seed, rank=dist.rank(),
-                                world=dist.world())
+                                world=dist.world(), meta_batch_size=cfg.meta.batch_size)
 
 
 def train_teacher_job(cfg: Config, overwrite: bool = False) -> Path:

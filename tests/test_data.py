@@ -275,6 +275,16 @@ def test_make_loaders_keeps_last_partial_batch():
     assert [len(b[0]) for b in loaders.train] == [10, 10, 5]
 
 
+def test_meta_batch_size_sets_the_meta_loader_batch_only():
+    loaders = make_loaders(_index_splits(25), batch_size=10, meta_batch_size=20)
+    assert [len(b[0]) for b in loaders.meta] == [20, 5]
+    assert [len(b[0]) for b in loaders.train] == [10, 10, 5]
+    with pytest.raises(LISError, match=r"meta.batch_size=5 is a global batch .* multiple of 2"):
+        make_loaders(_index_splits(25), batch_size=10, meta_batch_size=5, world=2)
+    with pytest.raises(LISError, match=r"\(meta.batch_size=40\) .* lower meta.batch_size"):
+        make_loaders(_index_splits(25), batch_size=10, meta_batch_size=40, world=2)
+
+
 def test_unknown_dataset_lists_names():
     with pytest.raises(LISError, match="unknown dataset 'mnist'") as e:
         build_splits("mnist", "data")
