@@ -40,10 +40,10 @@ SWEPT = ("fixed",)
 #: keys the comparison sets itself, and the option that sets them
 SET_BY_COMPARE = {"policy.name": "--policies", "run.seed": "--seeds", "run.name": "--name"}
 #: per-run numbers of ``comparison.csv``, after label, policy and seed
-COLUMNS = ("student_acc", "teacher_acc", "params", "macs", "params_reduction", "macs_reduction", "latency_ms",
+COLUMNS = ("student_acc", "val_acc", "teacher_acc", "params", "macs", "params_reduction", "macs_reduction", "latency_ms",
            "wall_time_s")
 #: what ``aggregate`` averages over seeds
-METRICS = ("student_acc", "params", "macs", "params_reduction", "macs_reduction", "latency_ms", "wall_time_s")
+METRICS = ("student_acc", "val_acc", "params", "macs", "params_reduction", "macs_reduction", "latency_ms", "wall_time_s")
 DEAN = "dean"
 
 
@@ -113,13 +113,13 @@ def _pm(mean: float, std: float, digits: int) -> str:
 
 def format_table(aggregated: Sequence[Mapping]) -> str:
     """The aggregated comparison as a markdown table: mean ± std over seeds, accuracy in percent."""
-    lines = ["| label | seeds | student accuracy (%) | params | MACs | MACs reduction (%) | latency (ms) "
-             "| wall time (s) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| label | seeds | student accuracy (%) | meta-split accuracy (%) | params | MACs | MACs reduction (%) "
+             "| latency (ms) | wall time (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for a in aggregated:
         lines.append(
             f"| `{a['label']}` | {a['n']} | {_pm(100 * a['student_acc_mean'], 100 * a['student_acc_std'], 2)} "
-            f"| {_count(a['params_mean'], a['params_std'])} | {_count(a['macs_mean'], a['macs_std'])} "
+            f"| {_pm(100 * a['val_acc_mean'], 100 * a['val_acc_std'], 2)} | {_count(a['params_mean'], a['params_std'])} | {_count(a['macs_mean'], a['macs_std'])} "
             f"| {_pm(100 * a['macs_reduction_mean'], 100 * a['macs_reduction_std'], 1)} "
             f"| {_pm(a['latency_ms_mean'], a['latency_ms_std'], 2)} "
             f"| {_pm(a['wall_time_s_mean'], a['wall_time_s_std'], 1)} |")
@@ -228,7 +228,8 @@ def _check_same_config(run_dir: Path, cfg: Config) -> None:
 def row_from_summary(label: str, summary: Mapping) -> dict:
     """One ``comparison.csv`` row from a run's ``summary.json`` (params, MACs, latency: the student's)."""
     return {"label": label, "policy": summary["policy"], "seed": summary["seed"],
-            "student_acc": summary["student_acc"], "teacher_acc": summary["teacher_acc"],
+            "student_acc": summary["student_acc"], "val_acc": summary.get("val_acc", math.nan),
+            "teacher_acc": summary["teacher_acc"],
             "params": summary["params"]["student"], "macs": summary["macs"]["student"],
             "params_reduction": summary["params_reduction"], "macs_reduction": summary["macs_reduction"],
             "latency_ms": summary["latency_ms"]["student"], "wall_time_s": summary["wall_time_s"]}

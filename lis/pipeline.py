@@ -16,6 +16,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lis import checkpoint, dist, models
 from lis.admm import ADMMState
@@ -34,7 +35,7 @@ from lis.report import format_summary, summarize, write_report
 from lis.run import (MetricsLog, NullLog, atomic_save, atomic_write_text, existing_run_dir, new_run_dir, resolve_device,
                      seed_everything)
 from lis.school import Classroom, KDPSettings, finetune, kdp
-from lis.train import Precision
+from lis.train import Precision, evaluate
 from lis.signals import SignalTracker
 from lis.teacher import get_teacher, load_teacher, save_teacher, teacher_key, train_teacher
 
@@ -262,8 +263,10 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
         modules = dict(small.named_modules())
         kept = [modules[g.name].weight.shape[0] for g in groups]
 
+        # the meta split, whole and in order on every process: the accuracy to choose settings on
+        val = evaluate(small, DataLoader(splits.meta, batch_size=cfg.data.batch_size), device)
         summary = summarize(cfg, teacher, small, splits.input_shape, teacher_acc, metrics["acc"], ckpt.elapsed(),
-                            layers, [g.num_channels for g in groups], kept)
+                            layers, [g.num_channels for g in groups], kept, val_acc=val["acc"])
         log.log({"phase": "summary", **{k: v for k, v in summary.items() if not isinstance(v, (list, dict))}})
         if not dist.is_main():
             return run_dir

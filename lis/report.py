@@ -20,8 +20,10 @@ from lis.measure import count_macs, count_params, latency_ms
 
 def summarize(cfg: Config, teacher: nn.Module, student: nn.Module, input_shape: tuple[int, ...],
               teacher_acc: float, student_acc: float, wall_time_s: float, layer_names: Sequence[str],
-              channels: Sequence[int], kept: Sequence[int]) -> dict:
-    """The ``summary.json`` of a compress run (DESIGN.md section 5)."""
+              channels: Sequence[int], kept: Sequence[int], val_acc: float = float("nan")) -> dict:
+    """The ``summary.json`` of a compress run (DESIGN.md section 5), plus ``val_acc``: the pruned student's
+    accuracy on the meta split, which no policy trains the student on, for choosing settings without the
+    test split (the dean's meta-objective does read it, so for the dean it is a little optimistic)."""
     t_cpu, s_cpu = copy.deepcopy(teacher).cpu(), copy.deepcopy(student).cpu()
     params = {"teacher": count_params(t_cpu), "student": count_params(s_cpu)}
     macs = {"teacher": count_macs(t_cpu, input_shape), "student": count_macs(s_cpu, input_shape)}
@@ -34,6 +36,7 @@ def summarize(cfg: Config, teacher: nn.Module, student: nn.Module, input_shape: 
         "data": cfg.data.name,
         "teacher_acc": teacher_acc,
         "student_acc": student_acc,
+        "val_acc": val_acc,
         "params": params,
         "macs": macs,
         "params_reduction": 1 - params["student"] / params["teacher"],
@@ -64,6 +67,7 @@ def write_report(run_dir: Path, summary: dict) -> None:
         "| | teacher | pruned student |",
         "| --- | ---: | ---: |",
         f"| test accuracy | {s['teacher_acc']:.4f} | {s['student_acc']:.4f} |",
+        f"| meta-split accuracy (for choosing settings) | | {s.get('val_acc', float('nan')):.4f} |",
         f"| parameters | {s['params']['teacher']:,} | {s['params']['student']:,} |",
         f"| MACs per sample | {s['macs']['teacher']:,} | {s['macs']['student']:,} |",
         f"| CPU latency, batch {s['latency_batch_size']} (ms, median) | {s['latency_ms']['teacher']:.2f} | "
@@ -72,7 +76,8 @@ def write_report(run_dir: Path, summary: dict) -> None:
         f"Reduction: MACs {s['macs_reduction']:.1%}, parameters {s['params_reduction']:.1%}. "
         f"Wall time {s['wall_time_s']:.0f} s.",
         "",
-        "Accuracies are on the test split after the last epoch; nothing was selected on the test split.",
+        "Accuracies are on the test split after the last epoch; nothing was selected on the test split. Choose "
+        "settings on the meta-split accuracy.",
         "",
         "Figures: `plots/` (distillability, sparsity, ADMM gap, the policy's weights, channels kept).",
         "",
