@@ -82,7 +82,9 @@ class KDPConfig:
     weight_decay: float = 5.0e-4
     temperature: float = 4.0  #: Hinton temperature tau of the logit distillation
     feature_layers: str = "all"  #: all | none: which channel groups get a feature-distillation term
-    feature_loss: str = "maps"  #: maps: L2-normalised maps | attention: attention transfer (width-free)
+    #: attention: attention transfer, which asks nothing of single channels, so the channels ADMM removes are
+    #: not held to the teacher's | maps: L2-normalised maps, channel by channel
+    feature_loss: str = "attention"
 
 
 @dataclass

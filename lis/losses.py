@@ -7,6 +7,11 @@
 - ``kd_feat``: per-sample L2-normalised feature maps, squared distance summed
   over features and averaged over the batch (so each term lies in [0, 4]).
   Maps of different spatial size are average-pooled to the smaller one.
+- ``kd_attention`` (the default KD_feat, ``kdp.feature_loss=attention``):
+  ``kd_feat`` of the attention maps mean_c F_c^2. During KDP the student
+  still has the teacher's width, and ``kd_feat`` asks every channel, the ones
+  ADMM is removing included, to match its teacher channel: the two terms
+  fight. Attention transfer asks only where the energy is.
 - Feature maps are captured with forward hooks (``FeatureHooks``) on the
   root module of each channel group (its first conv/linear, before BN), and a
   student map whose width differs from the teacher's goes through a 1x1

@@ -45,6 +45,7 @@ FIXES = {
     "admm-interval-zero": "it must be an integer >= 1",
     "signals-interval-zero": "it must be an integer >= 1",
     "meta-interval-zero": "it must be an integer >= 1",
+    "meta-batch-size-zero": "it must be an integer >= 1 or null",
     "missing-config": "give the path of a YAML file",
     "cifar-root-missing": "set data.download=true",
     "folder-root-missing": "set data.root",
