@@ -40,10 +40,11 @@ SWEPT = ("fixed",)
 #: keys the comparison sets itself, and the option that sets them
 SET_BY_COMPARE = {"policy.name": "--policies", "run.seed": "--seeds", "run.name": "--name"}
 #: per-run numbers of ``comparison.csv``, after label, policy and seed
-COLUMNS = ("student_acc", "val_acc", "teacher_acc", "params", "macs", "params_reduction", "macs_reduction", "latency_ms",
-           "wall_time_s")
+COLUMNS = ("student_acc", "val_acc", "teacher_acc", "params", "macs", "params_reduction", "macs_reduction",
+           "latency_ms", "wall_time_s")
 #: what ``aggregate`` averages over seeds
-METRICS = ("student_acc", "val_acc", "params", "macs", "params_reduction", "macs_reduction", "latency_ms", "wall_time_s")
+METRICS = ("student_acc", "val_acc", "params", "macs", "params_reduction", "macs_reduction", "latency_ms",
+           "wall_time_s")
 DEAN = "dean"
 
 
@@ -119,7 +120,8 @@ def format_table(aggregated: Sequence[Mapping]) -> str:
     for a in aggregated:
         lines.append(
             f"| `{a['label']}` | {a['n']} | {_pm(100 * a['student_acc_mean'], 100 * a['student_acc_std'], 2)} "
-            f"| {_pm(100 * a['val_acc_mean'], 100 * a['val_acc_std'], 2)} | {_count(a['params_mean'], a['params_std'])} | {_count(a['macs_mean'], a['macs_std'])} "
+            f"| {_pm(100 * a['val_acc_mean'], 100 * a['val_acc_std'], 2)} "
+            f"| {_count(a['params_mean'], a['params_std'])} | {_count(a['macs_mean'], a['macs_std'])} "
             f"| {_pm(100 * a['macs_reduction_mean'], 100 * a['macs_reduction_std'], 1)} "
             f"| {_pm(a['latency_ms_mean'], a['latency_ms_std'], 2)} "
             f"| {_pm(a['wall_time_s_mean'], a['wall_time_s_std'], 1)} |")

@@ -170,7 +170,8 @@ def make_loaders(splits: Splits, batch_size: int, num_workers: int = 0, seed: in
                            f"{batch_size}) and {world} processes drop partial batches: lower {key}")
         return DataLoader(ds, batch_size=batch_size // parts, sampler=sampler, num_workers=num_workers)
 
-    return Loaders(train=loader(splits.train, True, True), meta=loader(splits.meta, True, True, meta_batch_size, "meta.batch_size"),
+    return Loaders(train=loader(splits.train, True, True),
+                   meta=loader(splits.meta, True, True, meta_batch_size, "meta.batch_size"),
                    test=loader(splits.test, False, False))
 
 

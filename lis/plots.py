@@ -180,6 +180,12 @@ def mean_distillability(run: Run) -> tuple[np.ndarray, np.ndarray]:
         return progress(run), np.nanmean(d, axis=1)
 
 
+def mean_weights(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(progress (T,), a_out (T,), a_l averaged over layers (T,), r_l averaged over layers (T,))``."""
+    return (progress(run), run.alpha_out, np.nanmean(run.series["alpha"], axis=1),
+            np.nanmean(run.series["rho"], axis=1))
+
+
 def kept_channels(run: Run) -> tuple[list[str], np.ndarray, np.ndarray]:
     """``(layer names, channels before (L,), channels after (L,))`` of the hard-pruned student (summary)."""
     if run.summary is None or "channels" not in run.summary:
@@ -381,7 +387,9 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike)
     ``distillability_mean.png``: distillability averaged over layers against
     training progress t / T, one line per run (dean vs fixed: does the dean
     slow its fall?); ``distillability_per_layer.png``: the same per layer,
-    small multiples; ``acc_vs_macs.png``: student accuracy (%) against MACs,
+    small multiples; ``weights_mean.png``: the policy's a_out, mean a_l and
+    mean r_l against training progress, one colour per run (what did each
+    seed's dean learn?); ``acc_vs_macs.png``: student accuracy (%) against MACs,
     one point per run coloured by policy, a policy's mean ± std where it has
     several runs, and the teacher(s) as grey stars.
     """
@@ -424,6 +432,25 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike)
         axes[0].legend(fontsize="x-small")
         fig.suptitle(f"distillability per layer, {DISTILLABILITY_LABEL}", fontsize="medium")
         written.append(_save(fig, out / "distillability_per_layer.png"))
+
+    weighted = [r for r in runs if {"alpha", "rho"} <= set(r.series) and len(r.steps)]
+    if weighted:
+        fig, axes = _figure(10.0, 3.8, 1, 2, sharex=True)
+        for i, r in enumerate(weighted):
+            t, a_out, alpha, rho = mean_weights(r)
+            axes[0].plot(t, a_out, color=f"C{i % 10}", label=r.label)
+            axes[0].plot(t, alpha, color=f"C{i % 10}", linestyle="--")
+            axes[1].plot(t, rho, color=f"C{i % 10}", label=r.label)
+        axes[0].set_ylabel("distillation weight\n(solid: a_out, dashed: mean a_l)")
+        axes[1].set_ylabel("mean ADMM weight r_l")
+        axes[1].set_yscale("log")
+        for ax in axes:
+            ax.set_xlim(0, 1)
+            ax.set_xlabel("KDP progress t / T")
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize="x-small")
+        fig.suptitle("the policy's weights over training, per run", fontsize="medium")
+        written.append(_save(fig, out / "weights_mean.png"))
 
     rows = [{"label": r.label, "macs": r.summary["macs"]["student"], "student_acc": r.summary["student_acc"],
              "teacher_acc": r.summary["teacher_acc"]} for r in runs if r.summary is not None]

@@ -81,7 +81,7 @@ class Classroom(nn.Module):
 
     def __init__(self, teacher: nn.Module, student: nn.Module, layers: Sequence[str], teacher_layers: Sequence[str],
                  example: torch.Tensor, temperature: float, features: bool = True,
-                 init_index: Optional[dict[str, torch.Tensor]] = None, feature_loss: str = "maps"):
+                 init_index: Optional[dict[str, torch.Tensor]] = None, feature_loss: str = "attention"):
         super().__init__()
         self.kd_feat = FEATURE_LOSSES[feature_loss]
         self.teacher = [teacher]  # a list, so the teacher is not a submodule (its weights stay out of optimizers)

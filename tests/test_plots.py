@@ -77,6 +77,14 @@ def test_mean_distillability_kept_channels_and_acc_vs_macs_by_hand(tmp_path):
     t, mean = plots.mean_distillability(run)
     np.testing.assert_allclose(t, [1 / 40, 6 / 40, 11 / 40])
     np.testing.assert_allclose(mean, [0.2, 0.2 / 3, 0.3])
+    t, a_out, alpha, rho = plots.mean_weights(run)
+    np.testing.assert_allclose(t, [1 / 40, 6 / 40, 11 / 40])
+    np.testing.assert_allclose(a_out, [1.0, 0.9, 0.8])
+    np.testing.assert_allclose(alpha, [1.0, 1.0, 2.0])
+    np.testing.assert_allclose(rho, [1e-3, 1e-3, 1e-2])
+    uneven = {**step(11, 1, [0.0] * 3), "alpha": [0.5, 1.0, 3.0], "rho": [1e-3, 1e-2, 1e-1]}
+    _, _, alpha, rho = plots.mean_weights(plots.parse_records(RECORDS[:3] + [uneven], config={"kdp": {"epochs": 4}}))
+    np.testing.assert_allclose([alpha[0], rho[0]], [1.5, 0.037])
     names, before, after = plots.kept_channels(run)
     assert names == NAMES
     np.testing.assert_array_equal(before, [8, 16, 32])
@@ -179,7 +187,7 @@ def test_plot_writes_every_figure(runs, tmp_path):
     written = plots.plot(runs)
     per_run = ["distillability_heatmap.png", "distillability_lines.png", "sparsity.png", "admm_gap.png",
                "weights.png", "kept_channels.png"]
-    overlay = ["distillability_mean.png", "distillability_per_layer.png", "acc_vs_macs.png"]
+    overlay = ["distillability_mean.png", "distillability_per_layer.png", "weights_mean.png", "acc_vs_macs.png"]
     expected = [d / "plots" / f for d in runs for f in per_run] + [runs[0].parent / "plots" / f for f in overlay]
     assert written == expected
     for path in written:
