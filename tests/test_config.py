@@ -1,3 +1,4 @@
+import typing
 from pathlib import Path
 
 import pytest
@@ -79,9 +80,9 @@ def test_validation_accepts_exactly_the_documented_range(key, value):
     """Property: a numeric override loads iff its documented range test accepts it."""
     ok = dict((k, test) for k, test, _ in RANGES)[key]
     section, name = key.split(".")
-    default = getattr(getattr(Config(), section), name)
-    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-        value = int(value)  # ints are the only type an int field takes
+    hint = typing.get_type_hints(type(getattr(Config(), section)))[name]
+    if int in (hint, *typing.get_args(hint)) and isinstance(value, float):
+        value = int(value)  # ints are the only type an int field (or an optional one) takes
     overrides = [f"{key}={value}"]
     if ok(value):
         cfg = load_config(None, overrides)
