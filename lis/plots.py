@@ -272,6 +272,15 @@ def draw_distillability_heatmap(fig: Figure, ax, run: Run) -> None:
     fig.colorbar(mesh, ax=ax, label=DISTILLABILITY_LABEL)
 
 
+def _label_series(ax, run: Run, ylabel: str, title: str) -> None:
+    """Epoch marks, axis labels, the run's title and a grid on a per-layer series against KDP iterations."""
+    _epoch_marks(ax, run)
+    ax.set_xlabel("KDP iteration")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{run.label}: {title}", fontsize="medium")
+    ax.grid(alpha=0.3)
+
+
 def _epoch_marks(ax, run: Run) -> None:
     """Faint vertical lines at the KDP epoch boundaries (when the config says how many epochs, up to 50)."""
     epochs = int(((run.config or {}).get("kdp") or {}).get("epochs") or 0)
@@ -304,12 +313,8 @@ def plot_run(run_dir: str | os.PathLike, out_dir: Optional[str | os.PathLike] = 
         iters, d = layer_series(run, "distillability")
         _lines(fig, ax, iters, d, names, pick_layers(run, layers), marker=".", markersize=3)
         ax.axhline(0.0, color="black", linewidth=0.6)
-        _epoch_marks(ax, run)
         ax.set_ylim(-1.05, 1.05)
-        ax.set_xlabel("KDP iteration")
-        ax.set_ylabel(f"distillability {DISTILLABILITY_LABEL}")
-        ax.set_title(f"{run.label}: distillability of chosen layers", fontsize="medium")
-        ax.grid(alpha=0.3)
+        _label_series(ax, run, f"distillability {DISTILLABILITY_LABEL}", "distillability of chosen layers")
         written.append(_save(fig, out / "distillability_lines.png"))
 
     if "sparsity" in run.series and len(run.steps):
@@ -320,24 +325,16 @@ def plot_run(run_dir: str | os.PathLike, out_dir: Optional[str | os.PathLike] = 
             colors = _depth_colors(L)
             for i in range(L):  # the sparse target's share of removed channels, 1 - k_l / n_l
                 ax.plot(iters, 1.0 - run.series["keep_ratio"][:, i], color=colors[i], linestyle="--", linewidth=0.9)
-        _epoch_marks(ax, run)
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("KDP iteration")
-        ax.set_ylabel("sparsity (fraction of channels ~ 0)")
-        ax.set_title(f"{run.label}: sparsity per layer (dashed: target 1 - k_l/n_l)", fontsize="medium")
-        ax.grid(alpha=0.3)
+        _label_series(ax, run, "sparsity (fraction of channels ~ 0)", "sparsity per layer (dashed: target 1 - k_l/n_l)")
         written.append(_save(fig, out / "sparsity.png"))
 
     if "admm_gap" in run.series and len(run.steps):
         fig, (ax,) = _figure(6.4, 4.0)
         iters, g = layer_series(run, "admm_gap")
         _lines(fig, ax, iters, g, names)
-        _epoch_marks(ax, run)
         ax.set_ylim(bottom=0.0)
-        ax.set_xlabel("KDP iteration")
-        ax.set_ylabel("ADMM gap ||W_l - Z_l|| / ||W_l||")
-        ax.set_title(f"{run.label}: distance to the sparse target per layer", fontsize="medium")
-        ax.grid(alpha=0.3)
+        _label_series(ax, run, "ADMM gap ||W_l - Z_l|| / ||W_l||", "distance to the sparse target per layer")
         written.append(_save(fig, out / "admm_gap.png"))
 
     if {"alpha", "rho"} <= set(run.series) and len(run.steps):
@@ -443,7 +440,8 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike)
             axes[1].plot(t, rho, color=f"C{i % 10}", label=r.label)
         axes[0].set_ylabel("distillation weight\n(solid: a_out, dashed: mean a_l)")
         axes[1].set_ylabel("mean ADMM weight r_l")
-        axes[1].set_yscale("log")
+        if all(np.nanmin(r.series["rho"]) > 0 for r in weighted):  # r = 0 (no ADMM pull) needs a linear axis
+            axes[1].set_yscale("log")
         for ax in axes:
             ax.set_xlim(0, 1)
             ax.set_xlabel("KDP progress t / T")
