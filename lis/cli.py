@@ -7,6 +7,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from lis.errors import LISError, RunStopped
@@ -49,10 +50,18 @@ def _csv(text: str) -> list[str]:
 
 
 def _seeds(text: str) -> list[int]:
-    try:
-        return [int(s) for s in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+    """``0,1,2``, ``0-9`` or a mix (``0,5-7``): the seeds in order, each once."""
+    seeds = []
+    for part in _csv(text):
+        span = re.fullmatch(r"(\d+)-(\d+)", part)
+        if span and int(span[1]) <= int(span[2]):
+            seeds += range(int(span[1]), int(span[2]) + 1)
+        elif re.fullmatch(r"-?\d+", part):
+            seeds.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a list of seeds: give integers and ranges, e.g. "
+                                             f"0,1,2 or 0-9")
+    return list(dict.fromkeys(seeds))
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -119,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", type=_csv, default="dean,fixed,prune_only,l1_prune", metavar="P1,P2,...",
                    help="comma-separated policy names (default: dean,fixed,prune_only,l1_prune)")
     p.add_argument("--seeds", type=_seeds, default="0,1,2", metavar="S1,S2,...",
-                   help="comma-separated run.seed values (default: 0,1,2)")
+                   help="run.seed values, comma-separated, ranges allowed: 0,1,2 or 0-9 (default: 0,1,2)")
     p.add_argument("--sweep", action="append", default=[], metavar="section.key=V1,V2,...",
                    help="values to try for the fixed policy, each its own row; repeat for a grid")
     p.add_argument("--name", default=None, help="comparison folder under run.dir (default: compare-<config stem>)")

@@ -142,6 +142,28 @@ def test_overrides_may_follow_options(monkeypatch):
     assert overrides == ["kdp.epochs=2", "data.root=/x"]
 
 
+@pytest.mark.parametrize("text, seeds", [("0,1,2", [0, 1, 2]), ("0-4", [0, 1, 2, 3, 4]), ("7, 2-3", [7, 2, 3]),
+                                         ("0-2,1", [0, 1, 2]), ("5-5", [5])])
+def test_seeds_take_lists_and_ranges(monkeypatch, text, seeds):
+    import lis.compare
+    from lis.cli import main
+
+    seen = {}
+    monkeypatch.setattr(lis.compare, "compare", lambda *a: seen.setdefault("args", a))
+    assert main(["compare", "c.yaml", "--seeds", text]) == 0
+    assert seen["args"][2] == seeds
+
+
+@pytest.mark.parametrize("text", ["0-x", "3-1", "a", "1.5"])
+def test_bad_seeds_are_one_line_with_an_example(capsys, text):
+    from lis.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "c.yaml", "--seeds", text])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is not a list of seeds: give integers and ranges, e.g. 0,1,2 or 0-9" in err
+
+
 def test_demo_runs_the_documented_comparison(monkeypatch):
     import lis.compare
     from lis.cli import DEMO_POLICIES, main
