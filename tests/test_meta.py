@@ -141,3 +141,19 @@ def test_pruned_ce_objective_agrees_across_backends_and_sees_the_mask(backend):
                                torch.tensor(losses["pruned_ce"], dtype=torch.float64))
     for n, p in student.named_parameters():
         torch.testing.assert_close(p, before[n])
+
+
+def test_pruned_ce_is_the_ce_of_the_student_with_the_dropped_channels_zeroed_by_hand():
+    student, room, admm, dean, signals, batch, meta_batch = setup()
+    learner = MetaLearner(dean, lr=1e-3, beta=0.0, objective="pruned_ce")
+    _, ce = learner.objective(student, room, admm, signals, batch, meta_batch, lr=0.0)  # no step: W' = W
+    masked = copy.deepcopy(student)
+    params = dict(masked.named_parameters())
+    with torch.no_grad():
+        for g in admm.groups:
+            dropped = (~admm.masks[g.name]).nonzero().flatten()
+            assert 0 < len(dropped) < g.num_channels
+            for name, dim in g.out_slices:
+                params[name].index_fill_(dim, dropped, 0.0)
+        expected = nn.functional.cross_entropy(masked(meta_batch[0]), meta_batch[1])
+    torch.testing.assert_close(ce, expected)
