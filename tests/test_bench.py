@@ -130,3 +130,16 @@ def test_a_second_bench_skips_every_finished_run(tiny_bench, monkeypatch, capsys
     assert cli.main(argv) == 0
     assert calls == [] and capsys.readouterr().out.count("skip (done)") == 4 + 6
     assert (runs / "tiny" / "bench.csv").read_text() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", BENCHES, ids=lambda p: p.stem)
+def test_bench_config_runs_end_to_end_on_a_tiny_budget(path, tmp_path):
+    """The bench's own data and model through a whole run (what test_experiments does for experiments/*.yaml)."""
+    import json
+
+    cfg = load_config(path, [f"run.dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}", *TINY,
+                             "data.mnist1d_train_size=300", "data.mnist1d_test_size=100", "policy.name=dean"])
+    summary = json.loads((lis.pipeline.compress(cfg) / "summary.json").read_text())
+    assert summary["model"] == "resnet20_1d"
+    assert summary["macs_reduction"] >= cfg.prune.target_macs_reduction - 1e-9
