@@ -11,9 +11,11 @@ import pytest
 
 import lis.pipeline
 from lis import cli
-from lis.bench import POLICIES, bench, choose, chosen_sweeps
+from lis.baselines import EXTERNAL, ONE_SHOT
+from lis.bench import POLICIES, choose, chosen_sweeps
 from lis.config import load_config
 from lis.errors import LISError
+from lis.policy import PRESETS
 
 TINY = ["tracking.wandb=disabled", "teacher.epochs=1", "kdp.epochs=1", "finetune.epochs=1", "admm.interval=5",
         "signals.interval=5", "meta.interval=5"]
@@ -50,7 +52,7 @@ def test_bench_configs_load_on_the_hard_variant_with_a_deep_resnet(path):
 
 
 def test_the_default_bench_runs_every_policy():
-    assert set(POLICIES) == {"dean", *lis.pipeline.ONE_SHOT, *lis.pipeline.EXTERNAL, *lis.policy.PRESETS}
+    assert set(POLICIES) == {"dean", *ONE_SHOT, *EXTERNAL, *PRESETS}
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -4,7 +4,6 @@ streams as channel groups, and distillation between a teacher and its hard-prune
 Groups, hard prune and the cost model are also checked for resnet20_1d and resnet56_1d with every other
 architecture of tests/archs.py (tests/test_groups.py, tests/test_prune.py)."""
 
-import copy
 
 import pytest
 import torch
