@@ -70,6 +70,14 @@ def _compare(args: argparse.Namespace) -> None:
     compare(args.config, args.policies, args.seeds, args.overrides, args.sweep, args.name)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from lis.bench import bench
+
+    options = {"policies": args.policies, "select_seeds": args.select_seeds, "report_seeds": args.report_seeds,
+               "sweeps": args.sweep or None}  # None: lis.bench's default
+    bench(args.config, overrides=args.overrides, name=args.name, **{k: v for k, v in options.items() if v is not None})
+
+
 def _plot(args: argparse.Namespace) -> None:
     from lis.plots import plot
 
@@ -133,6 +141,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="values to try for the fixed policy, each its own row; repeat for a grid")
     p.add_argument("--name", default=None, help="comparison folder under run.dir (default: compare-<config stem>)")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("bench", help="the protocol: tune fixed weights on val (seeds 0-4), report every policy "
+                                      "on seeds 5-9",
+                       description="Run the fixed-weight grid (--sweep) on the selection seeds and choose the "
+                                   "setting with the highest mean validation accuracy; then run every policy, the "
+                                   "fixed one at the chosen setting, on the report seeds. Writes <run.dir>/<name>/"
+                                   "bench.md and bench.csv (test accuracy mean ± std, params, MACs, wall time, the "
+                                   "dean minus each baseline with a paired 95%% CI, what was chosen on what). "
+                                   "Finished runs are skipped, so an interrupted bench continues where it stopped.")
+    p.add_argument("config", help="YAML config file (see experiments/bench/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config field (all runs)")
+    p.add_argument("--policies", type=_csv, default=None, metavar="P1,P2,...",
+                   help="comma-separated policy names, fixed among them (default: the dean and every baseline)")
+    p.add_argument("--select-seeds", type=_seeds, default=None, metavar="SEEDS",
+                   help="seeds the fixed-weight setting is chosen on (default: 0-4)")
+    p.add_argument("--report-seeds", type=_seeds, default=None, metavar="SEEDS",
+                   help="seeds of the report, none of them a selection seed (default: 5-9)")
+    p.add_argument("--sweep", action="append", default=[], metavar="section.key=V1,V2,...",
+                   help="the fixed-weight grid to choose from, repeat for more keys (default: lis.bench.GRID, "
+                        "policy.alpha=0.3,1,3 x policy.alpha_out=0.5,2)")
+    p.add_argument("--name", default=None, help="bench folder under run.dir (default: bench-<config stem>; the "
+                                                "selection runs go to <name>-select)")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("plot", help="draw runs' figures: distillability, sparsity, ADMM gap, weights, channels kept",
                        description="Draw the figures of each RUN_DIR into RUN_DIR/plots/ (or --out for a single "

@@ -41,7 +41,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "mnist1d"  #: cifar10 | cifar100 | imagenet | folder | digits | mnist1d | fake
+    name: str = "mnist1d"  #: cifar10 | cifar100 | imagenet | folder | digits | mnist1d | mnist1d_hard | fake
     root: str = "data"  #: where datasets live (and where mnist1d is cached)
     download: bool = False  #: let torchvision download CIFAR (needs network)
     batch_size: int = 128  #: training batch size (also used for evaluation and latency)
@@ -50,6 +50,15 @@ class DataConfig:
     image_size: int = 32  #: input side in pixels for fake / imagenet / folder data
     num_classes: int = 10  #: classes of the ``fake`` dataset (others know their own)
     fake_size: int = 512  #: training samples of the ``fake`` dataset (test: a quarter)
+    # the MNIST-1D generator (``mnist1d``, ``mnist1d_hard``): null takes the variant's value (lis.data.MNIST1D_VARIANTS)
+    mnist1d_train_size: Optional[int] = None  #: training samples (the meta split is carved from them)
+    mnist1d_test_size: Optional[int] = None  #: test samples
+    mnist1d_corr_noise_scale: Optional[float] = None  #: scale of the smoothed (correlated) background noise
+    mnist1d_iid_noise_scale: Optional[float] = None  #: scale of the per-point noise
+    mnist1d_max_translation: Optional[int] = None  #: largest shift of the digit, in points of the 72-point canvas
+    mnist1d_shear_scale: Optional[float] = None  #: scale of the random linear trend added to the signal
+    mnist1d_scale_coeff: Optional[float] = None  #: amplitude scaled by 1 + scale_coeff * U(-0.5, 0.5)
+    mnist1d_seed: Optional[int] = None  #: the generator's seed (a different draw of the dataset)
 
 
 @dataclass
@@ -162,7 +171,7 @@ class Config:
 
 
 CHOICES = {
-    "data.name": ("cifar10", "cifar100", "imagenet", "folder", "digits", "mnist1d", "fake"),
+    "data.name": ("cifar10", "cifar100", "imagenet", "folder", "digits", "mnist1d", "mnist1d_hard", "fake"),
     "teacher.schedule": ("cosine", "step"),
     "kdp.feature_layers": ("all", "none"),
     "kdp.feature_loss": ("maps", "attention"),
@@ -180,6 +189,14 @@ RANGES = [
     ("data.image_size", lambda v: v >= 8, "an integer >= 8"),
     ("data.num_classes", lambda v: v >= 2, "an integer >= 2"),
     ("data.fake_size", lambda v: v >= 4, "an integer >= 4"),
+    ("data.mnist1d_train_size", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    ("data.mnist1d_test_size", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    ("data.mnist1d_corr_noise_scale", lambda v: v is None or v >= 0, "a number >= 0 or null"),
+    ("data.mnist1d_iid_noise_scale", lambda v: v is None or v >= 0, "a number >= 0 or null"),
+    ("data.mnist1d_max_translation", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    ("data.mnist1d_shear_scale", lambda v: v is None or v >= 0, "a number >= 0 or null"),
+    ("data.mnist1d_scale_coeff", lambda v: v is None or 0 <= v < 2, "in [0, 2) or null"),
+    ("data.mnist1d_seed", lambda v: v is None or 0 <= v < 2**32, "an integer in [0, 2^32) or null"),
     ("teacher.epochs", lambda v: v >= 0, "an integer >= 0"),
     ("teacher.lr", lambda v: v > 0, "a positive number"),
     ("teacher.momentum", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),

@@ -12,15 +12,19 @@
 Dataset names (DESIGN.md section 6): ``cifar10`` and ``cifar100``
 (torchvision, files under ``root``), ``imagenet`` and ``folder`` (ImageFolder
 trees ``root/train`` and ``root/val``), ``digits`` (scikit-learn's 8x8 digits,
-offline), ``mnist1d`` (generated offline and cached under ``root``) and
-``fake`` (random images, for smoke tests). Nothing here downloads unless
+offline), ``mnist1d`` and its harder variant ``mnist1d_hard`` (generated
+offline and cached under ``root``, see ``MNIST1D_VARIANTS``) and ``fake``
+(random images, for smoke tests). Nothing here downloads unless
 ``download=True`` is asked for a CIFAR set.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
+import json
+import math
 import os
 import random
 import tempfile
@@ -35,7 +39,19 @@ from torchvision.datasets.vision import StandardTransform
 
 from lis.errors import LISError
 
-NAMES = ("cifar10", "cifar100", "imagenet", "folder", "digits", "mnist1d", "fake")
+NAMES = ("cifar10", "cifar100", "imagenet", "folder", "digits", "mnist1d", "mnist1d_hard", "fake")
+
+#: each MNIST-1D variant's options: the sizes of its train and test sets and the arguments of the generator
+#: ``mnist1d.data.make_dataset`` it sets (the others keep the package's defaults)
+MNIST1D_VARIANTS = {
+    # the package's default dataset (Greydanus 2020), sample for sample
+    "mnist1d": {"train_size": 4000, "test_size": 1000, "corr_noise_scale": 0.25, "iid_noise_scale": 0.02,
+                "max_translation": 48, "shear_scale": 0.75, "scale_coeff": 0.4, "seed": 42},
+    # the bench's dataset: twice the noise and shear, so that a deep teacher leads a 90%-pruned student by points;
+    # 10,000 test samples, so that one sample is 0.01 points and the test noise of a mean accuracy ~0.2 points
+    "mnist1d_hard": {"train_size": 8000, "test_size": 10000, "corr_noise_scale": 0.5, "iid_noise_scale": 0.04,
+                     "max_translation": 48, "shear_scale": 1.5, "scale_coeff": 0.4, "seed": 42},
+}
 
 # Per-channel mean and std of the training images, in [0, 1] pixel units.
 _CIFAR_STATS = {
@@ -64,13 +80,15 @@ class Loaders:
 
 
 def build_splits(name: str, root: str, *, download: bool = False, meta_fraction: float = 0.1, seed: int = 0,
-                 image_size: int = 32, num_classes: int = 10, fake_size: int = 512) -> Splits:
+                 image_size: int = 32, num_classes: int = 10, fake_size: int = 512,
+                 mnist1d: Optional[dict] = None) -> Splits:
     """Build the train / meta / test splits of dataset ``name`` stored under ``root``.
 
     ``meta_fraction`` is a fraction (not percent) of the training set, carved
     out with ``seed``. ``image_size`` (pixels) applies to ``imagenet``,
     ``folder`` and ``fake``; ``num_classes`` and ``fake_size`` (training
-    samples; the test set has a quarter) only to ``fake``.
+    samples; the test set has a quarter) only to ``fake``; ``mnist1d``
+    (options of ``MNIST1D_VARIANTS``, None values ignored) to the MNIST-1D variants.
     """
     if name in _CIFAR_STATS:
         train_aug, train_eval, test, n_classes = _cifar(name, root, download)
@@ -79,8 +97,8 @@ def build_splits(name: str, root: str, *, download: bool = False, meta_fraction:
     elif name == "digits":
         train_aug, test = _digits()
         train_eval, n_classes = train_aug, 10
-    elif name == "mnist1d":
-        train_aug, test = _mnist1d(root)
+    elif name in MNIST1D_VARIANTS:
+        train_aug, test = _mnist1d(root, mnist1d_options(name, mnist1d or {}))
         train_eval, n_classes = train_aug, 10
     elif name == "fake":
         train_aug, test = _fake(image_size, num_classes, fake_size)
@@ -262,22 +280,41 @@ def _digits():
     return _tensor_dataset((x_train - mean) / std, y_train), _tensor_dataset((x_test - mean) / std, y_test)
 
 
-def _mnist1d(root: str):
-    """MNIST-1D with the package's default arguments (4000 train / 1000 test), cached in root/mnist1d/mnist1d.npz."""
-    path = os.path.join(root, "mnist1d", "mnist1d.npz")
+def mnist1d_options(name: str, overrides: dict) -> dict:
+    """The options of MNIST-1D variant ``name`` with those of ``overrides`` that are not None."""
+    return {**MNIST1D_VARIANTS[name], **{k: v for k, v in overrides.items() if v is not None}}
+
+
+def mnist1d_cache_key(options: dict) -> str:
+    """The cache file name of the MNIST-1D dataset ``options`` make: ``mnist1d-<hash of the options>``."""
+    blob = json.dumps(options, sort_keys=True)
+    return f"mnist1d-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def _mnist1d(root: str, options: dict):
+    """MNIST-1D made with ``options``, cached in root/mnist1d/<mnist1d_cache_key>.npz."""
+    path = os.path.join(root, "mnist1d", f"{mnist1d_cache_key(options)}.npz")
     if not os.path.exists(path):
-        _generate_mnist1d(path)
+        _generate_mnist1d(path, options)
     with np.load(path) as f:
         return _tensor_dataset(f["x"][:, None, :], f["y"]), _tensor_dataset(f["x_test"][:, None, :], f["y_test"])
 
 
-def _generate_mnist1d(path: str) -> None:
+def _generate_mnist1d(path: str, options: dict) -> None:
     import mnist1d.data  # imports matplotlib: only pay for it when generating
 
+    args = mnist1d.data.get_dataset_args()
+    n_train, n_test = options["train_size"], options["test_size"]
+    for key, value in options.items():
+        if key not in ("train_size", "test_size"):
+            setattr(args, key, value)
+    # make_dataset draws num_samples // 10 of each class, shuffles them and puts the first train_split of them
+    # in its train set: ask for all of them there and cut the sizes here (the default cut is 4000 of 5000)
+    args.num_samples, args.train_split = 10 * math.ceil((n_train + n_test) / 10), 1.0
     # make_dataset reseeds python's and numpy's global RNGs; the caller's streams must not change.
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        d = mnist1d.data.make_dataset(mnist1d.data.get_dataset_args())
+        d = mnist1d.data.make_dataset(args)
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
@@ -286,7 +323,9 @@ def _generate_mnist1d(path: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, x=d["x"], y=d["y"], x_test=d["x_test"], y_test=d["y_test"])
+            x, y = d["x"], d["y"]
+            np.savez(f, x=x[:n_train], y=y[:n_train], x_test=x[n_train:n_train + n_test],
+                     y_test=y[n_train:n_train + n_test])
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -23,7 +23,7 @@ from lis.admm import ADMMState
 from lis.baselines import EXTERNAL, ONE_SHOT, l1_masks, reinit_, tp_group_norm
 from lis.checkpoint import Checkpointer, on_signals
 from lis.config import Config, load_config, to_dict
-from lis.data import Loaders, Splits, build_splits, make_loaders
+from lis.data import MNIST1D_VARIANTS, Loaders, Splits, build_splits, make_loaders
 from lis.groups import ChannelGroup, CostModel, find_groups
 from lis.dean import create_dean
 from lis.errors import LISError, NumericalFault
@@ -45,7 +45,8 @@ def load_data(cfg: Config) -> tuple[Splits, Loaders]:
     # the meta split is carved with a fixed seed (DESIGN.md section 6): every run and its teacher see the same
     # training set, whatever run.seed; run.seed orders the batches
     splits = build_splits(d.name, d.root, download=d.download, meta_fraction=d.meta_fraction, seed=0,
-                          image_size=d.image_size, num_classes=d.num_classes, fake_size=d.fake_size)
+                          image_size=d.image_size, num_classes=d.num_classes, fake_size=d.fake_size,
+                          mnist1d={k: getattr(d, f"mnist1d_{k}") for k in MNIST1D_VARIANTS["mnist1d"]})
     return splits, make_loaders(splits, d.batch_size, d.num_workers, seed=cfg.run.seed, rank=dist.rank(),
                                 world=dist.world(), meta_batch_size=cfg.meta.batch_size)
 

@@ -7,6 +7,8 @@ ARCHS = [
     ("resnet56", (3, 32, 32)),
     ("vgg16", (3, 32, 32)),
     ("mnist1d_cnn", (1, 40)),
+    ("resnet20_1d", (1, 40)),
+    ("resnet56_1d", (1, 40)),
     ("torchvision:resnet18", (3, 64, 64)),
     ("torchvision:resnet50", (3, 64, 64)),
     ("torchvision:mobilenet_v2", (3, 64, 64)),

@@ -13,7 +13,8 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 from torchvision import datasets
 
-from lis.data import NAMES, EpochSampler, Splits, batches_from, build_splits, make_loaders, meta_split, seek
+from lis.data import (MNIST1D_VARIANTS, NAMES, EpochSampler, Splits, batches_from, build_splits, make_loaders,
+                      meta_split, mnist1d_cache_key, seek)
 from lis.errors import LISError
 
 
@@ -193,9 +194,9 @@ def test_mnist1d_generates_caches_and_keeps_global_rngs(mnist1d_root, monkeypatc
     splits = build_splits("mnist1d", str(mnist1d_root), meta_fraction=0.1, seed=0)
     assert np.array_equal(np.random.get_state()[1], np_before) and random.getstate() == py_before
 
-    cache = mnist1d_root / "mnist1d" / "mnist1d.npz"
+    cache = mnist1d_root / "mnist1d" / f"{mnist1d_cache_key(MNIST1D_VARIANTS['mnist1d'])}.npz"
     assert cache.is_file()
-    assert [p.name for p in cache.parent.iterdir()] == ["mnist1d.npz"]  # no temp file left
+    assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # no temp file left
     assert (len(splits.train), len(splits.meta), len(splits.test)) == (3600, 400, 1000)
     assert splits.num_classes == 10 and splits.input_shape == (1, 40)
     x, y = splits.train.dataset.tensors

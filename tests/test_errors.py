@@ -67,9 +67,13 @@ FIXES = {
     "resume-finished": "start a new run instead",
     "resume-corrupt": "start the run again with --overwrite",
     "resume-changes-run": "a resume may change only kdp.lr",
+    "bench-seeds-overlap": "the report seeds must be ones no choice looked at",
+    "bench-without-fixed": "keep fixed in --policies",
 }
-#: rows whose command --overwrite changes (it replaces the existing run, or contradicts --resume)
-NOT_OVERWRITTEN = {"run-exists", "resume-not-a-run", "resume-finished", "resume-corrupt", "resume-changes-run"}
+#: rows whose command --overwrite changes (it replaces the existing run, or contradicts --resume, or the command
+#: has no --overwrite: lis bench skips finished runs)
+NOT_OVERWRITTEN = {"run-exists", "resume-not-a-run", "resume-finished", "resume-corrupt", "resume-changes-run",
+                   "bench-seeds-overlap", "bench-without-fixed"}
 
 QUIET = ["tracking.wandb=disabled"]
 

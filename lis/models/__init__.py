@@ -2,7 +2,8 @@
 
 Our own models are the ones the pruning literature reports on, at the input
 sizes it uses: the CIFAR ResNets (``resnet20|32|56|110``) and ``vgg16``
-(3x32x32), plus two small CNNs for the embedded CPU datasets, ``digits_cnn``
+(3x32x32), their 1-D versions ``resnet20_1d|32_1d|56_1d`` for MNIST-1D (1x40),
+plus two small CNNs for the embedded CPU datasets, ``digits_cnn``
 (scikit-learn digits, 1x8x8) and ``mnist1d_cnn`` (MNIST-1D, 1x40). Any
 torchvision classifier is available as ``torchvision:<name>``, randomly
 initialised. Every model ends in a Linear classifier (attribute ``fc`` or
