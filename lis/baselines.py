@@ -1,4 +1,4 @@
-"""Baselines that do not run the KDP phase (DESIGN.md section 4), at the same budget and total epochs.
+"""Baselines that do not run the KDP phase (docs/design.md section 5), at the same budget and total epochs.
 
 The KDP-based baselines are policies (``lis.policy``: ``fixed``,
 ``prune_only``, ``kd_only``) and run the same loop as the dean. The ones here

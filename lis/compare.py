@@ -12,7 +12,7 @@ writes there
 
 All runs keep ``run.dir``, so they share the teacher cache ``<run.dir>/teachers/``;
 the teacher is seeded by ``teacher.seed``, not ``run.seed``, so every run of a
-comparison distils from the same teacher (DESIGN.md section 4). A pair whose
+comparison distils from the same teacher (docs/design.md section 5). A pair whose
 ``summary.json`` exists is skipped and an unfinished one resumes from its
 checkpoint, so an interrupted comparison continues where it stopped.
 """

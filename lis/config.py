@@ -1,6 +1,6 @@
 """Typed run configuration: YAML -> OmegaConf structured config -> dataclasses.
 
-Section and key names follow ``shared/DESIGN.md`` section 7. A config file
+Section and key names follow ``docs/design.md`` section 9. A config file
 names only what differs from the defaults below; every field can be
 overridden on the command line as ``section.key=value``. ``load_config``
 rejects unknown keys (suggesting the closest), wrong types and out-of-range

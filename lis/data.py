@@ -9,7 +9,7 @@
 - **test**: the official test (or ``val``) set with the evaluation transform;
   only reported, never used for a decision.
 
-Dataset names (DESIGN.md section 6): ``cifar10`` and ``cifar100``
+Dataset names (docs/design.md section 6): ``cifar10`` and ``cifar100``
 (torchvision, files under ``root``), ``imagenet`` and ``folder`` (ImageFolder
 trees ``root/train`` and ``root/val``), ``digits`` (scikit-learn's 8x8 digits,
 offline), ``mnist1d`` and its harder variant ``mnist1d_hard`` (generated

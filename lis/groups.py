@@ -3,7 +3,7 @@
 A **channel group** is a set of output channels that must be removed
 together: a conv's filters with the BatchNorm that follows, every conv that
 adds into the same residual stream, a pointwise conv with the depthwise conv
-that consumes it, ... (DESIGN.md section 2). Torch-Pruning's
+that consumes it, ... (docs/design.md section 2). Torch-Pruning's
 ``DependencyGraph`` traces them from one forward pass, so any torchvision-style
 CNN works. Channel c of a group is out channel c of its root module, and the
 group records, for every parameter tensor involved, which dimension is indexed

@@ -1,4 +1,4 @@
-"""The dean's meta step (DESIGN.md section 3), with a swappable differentiable-unroll backend.
+"""The dean's meta step (docs/design.md section 4), with a swappable differentiable-unroll backend.
 
 Every ``meta.interval`` iterations:
 

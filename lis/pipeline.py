@@ -42,7 +42,7 @@ from lis.teacher import get_teacher, load_teacher, save_teacher, teacher_key, tr
 
 def load_data(cfg: Config) -> tuple[Splits, Loaders]:
     d = cfg.data
-    # the meta split is carved with a fixed seed (DESIGN.md section 6): every run and its teacher see the same
+    # the meta split is carved with a fixed seed (docs/design.md section 6): every run and its teacher see the same
     # training set, whatever run.seed; run.seed orders the batches
     splits = build_splits(d.name, d.root, download=d.download, meta_fraction=d.meta_fraction, seed=0,
                           image_size=d.image_size, num_classes=d.num_classes, fake_size=d.fake_size,

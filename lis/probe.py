@@ -1,6 +1,6 @@
 """``lis probe``: distillability and sparsability of a teacher's layers, without training a dean.
 
-Two offline measurements (DESIGN.md section 1) on the teacher of a config
+Two offline measurements (docs/design.md section 1) on the teacher of a config
 (cached or trained, as ``lis compress`` gets it):
 
 (a) **distillability** per layer over a few epochs of plain distillation: a

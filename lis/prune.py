@@ -5,7 +5,7 @@ keep mask per channel group (``lis.groups``). ``hard_prune`` zeros every
 channel outside the masks (``mask_``), which makes those channels' activations
 exactly zero, then removes them with Torch-Pruning, so the result is a
 genuinely smaller ``nn.Module`` whose outputs equal the masked model's
-(DESIGN.md section 2). ``keep_masks_from_norms`` gives magnitude masks for
+(docs/design.md section 2). ``keep_masks_from_norms`` gives magnitude masks for
 baselines that prune without ADMM.
 """
 

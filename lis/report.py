@@ -21,7 +21,7 @@ from lis.measure import count_macs, count_params, latency_ms
 def summarize(cfg: Config, teacher: nn.Module, student: nn.Module, input_shape: tuple[int, ...],
               teacher_acc: float, student_acc: float, wall_time_s: float, layer_names: Sequence[str],
               channels: Sequence[int], kept: Sequence[int], *, val_acc: float) -> dict:
-    """The ``summary.json`` of a compress run (DESIGN.md section 5), plus ``val_acc``: the pruned student's
+    """The ``summary.json`` of a compress run (docs/design.md section 8), plus ``val_acc``: the pruned student's
     accuracy on the meta split, which no policy trains the student on, for choosing settings without the
     test split (the dean's meta-objective does read it, so for the dean it is a little optimistic)."""
     t_cpu, s_cpu = copy.deepcopy(teacher).cpu(), copy.deepcopy(student).cpu()

@@ -1,6 +1,6 @@
 """The school: the KDP loop in which the teacher teaches a student that is made sparse.
 
-This file reads like ``shared/DESIGN.md`` section 2. Per iteration:
+This file reads like ``docs/design.md`` section 2. Per iteration:
 
 1. the policy reads the smoothed signals and gives the weights a_out, a_l, r_l;
 2. teacher forward (no grad) and student forward, both with feature hooks;

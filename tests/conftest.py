@@ -18,3 +18,21 @@ def repo():
     from pathlib import Path
 
     return Path(REPO)
+
+
+@pytest.fixture
+def untrained_accuracy():
+    """``f(model, loader)``: the test accuracy of a copy of ``model`` with every layer re-initialised at random
+    (seeded): what a learning check must beat by a wide margin."""
+    import copy
+
+    from lis.baselines import reinit_
+    from lis.train import evaluate
+
+    def accuracy(model, loader):
+        torch.manual_seed(0)
+        untrained = copy.deepcopy(model)
+        reinit_(untrained)
+        return evaluate(untrained, loader, torch.device("cpu"))["acc"]
+
+    return accuracy

@@ -7,9 +7,12 @@ import math
 import re
 import shutil
 
+import numpy as np
+from matplotlib.collections import PathCollection
 import pytest
 
 import lis.pipeline
+import lis.plots
 from lis.compare import aggregate, best_baseline, compare, format_table, paired_difference
 from lis.errors import LISError
 
@@ -95,32 +98,81 @@ def read_csv(path):
 
 @pytest.fixture(scope="module")
 def digits_comparison(tmp_path_factory, request):
-    """(config, root, comparison dir) of fixed / prune_only / dean x seeds 0, 1 on digits, 1 epoch each."""
+    """(config, root, comparison dir, figures) of fixed / prune_only / dean x seeds 0, 1 on digits, 1 epoch each;
+    ``figures`` maps the file name of every PNG the comparison saved to the matplotlib figure drawn."""
     from pathlib import Path
 
     config = Path(request.config.rootpath) / "experiments" / "digits.yaml"
     root = tmp_path_factory.mktemp("compare")
-    cmp_dir = compare(config, POLICIES, SEEDS, overrides(root, root / "data"))
-    return config, root, cmp_dir
+    figures, real_save = {}, lis.plots._save
+
+    def save(fig, path):
+        figures[Path(path).name] = fig
+        return real_save(fig, path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lis.plots, "_save", save)
+        cmp_dir = compare(config, POLICIES, SEEDS, overrides(root, root / "data"))
+    return config, root, cmp_dir, figures
 
 
 @pytest.mark.slow
 def test_comparison_writes_csv_markdown_and_plot(digits_comparison):
-    config, root, cmp_dir = digits_comparison
+    config, root, cmp_dir, figures = digits_comparison
     assert cmp_dir == root / "runs" / "compare-digits"
     rows = read_csv(cmp_dir / "comparison.csv")
     assert [(r["label"], int(r["seed"])) for r in rows] == [(p, s) for p in POLICIES for s in SEEDS]
     assert {r["teacher_acc"] for r in rows} == {rows[0]["teacher_acc"]}  # one teacher for every run
     for r in rows:
-        assert 0 <= float(r["student_acc"]) <= 1 and float(r["macs_reduction"]) >= 0.75 - 1e-9
+        assert float(r["macs_reduction"]) >= 0.75 - 1e-9
+        summary = json.loads((cmp_dir / f"{r['label']}-s{r['seed']}" / "summary.json").read_text())
+        assert float(r["student_acc"]) == summary["student_acc"] and float(r["val_acc"]) == summary["val_acc"]
         assert (cmp_dir / f"{r['label']}-s{r['seed']}" / "summary.json").is_file()
     md = (cmp_dir / "comparison.md").read_text()
     for label in POLICIES:
         assert f"| `{label}` | 2 |" in md
     assert "`dean` minus the best baseline" in md and "95% CI" in md
     assert "nothing was selected on the test split" in md
-    png = (cmp_dir / "plots" / "acc_vs_macs.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert (cmp_dir / "plots" / "acc_vs_macs.png").read_bytes().startswith(b"\x89PNG")
+    # what was drawn: per policy a scatter of its runs at (MACs in millions, accuracy in percent) and a mean
+    # with error bars, and the teacher's line
+    (ax,) = figures["acc_vs_macs.png"].axes
+    scatters = [c for c in ax.collections if isinstance(c, PathCollection)]
+    assert len(scatters) == len(ax.containers) == len(POLICIES)
+    for points, bars, label in zip(scatters, ax.containers, POLICIES):
+        expected = [(float(r["macs"]) / 1e6, 100 * float(r["student_acc"])) for r in rows if r["label"] == label]
+        np.testing.assert_allclose(points.get_offsets(), expected)
+        np.testing.assert_allclose(bars.lines[0].get_xydata(), [np.mean(expected, axis=0)])
+    teacher = 100 * float(rows[0]["teacher_acc"])
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == \
+        sorted([f"{p} (n=2)" for p in POLICIES] + [f"teacher ({teacher:.2f}%)"])
+
+
+# t(0.975, df) for df = 1..6, from a printed table (independent of the scipy call in lis.compare)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447}
+
+
+@pytest.mark.slow
+def test_the_printed_ci_is_the_one_recomputed_from_the_csv(digits_comparison):
+    """Bug caught: comparison.md printing another difference than the rows give (a wrong pairing, label, t
+    quantile or unit). Recomputed here from comparison.csv alone: the best baseline by mean test accuracy,
+    dean minus it paired by seed, mean ± t * sd / sqrt(n), in percentage points to the printed 2 decimals."""
+    _, _, cmp_dir, _ = digits_comparison
+    rows = read_csv(cmp_dir / "comparison.csv")
+    acc = {(r["label"], int(r["seed"])): float(r["student_acc"]) for r in rows}
+    means = {p: sum(acc[(p, s)] for s in SEEDS) / len(SEEDS) for p in POLICIES if p != "dean"}
+    best = max(means, key=means.get)
+    diffs = [100 * (acc[("dean", s)] - acc[(best, s)]) for s in SEEDS]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    half = T_975[n - 1] * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) / math.sqrt(n)
+    md = (cmp_dir / "comparison.md").read_text()
+    printed = re.search(rf"`dean` minus the best baseline `{best}`, paired by seed: ([+-][\d.]+) percentage points, "
+                        rf"95% CI \[([+-][\d.]+), ([+-][\d.]+)\] \(t distribution, {n} paired seeds\)", md)
+    assert printed, md
+    # 12.706 is rounded to 3 decimals: allow its rounding on top of the printed 2 decimals
+    for value, expected in zip(map(float, printed.groups()), (mean, mean - half, mean + half)):
+        assert value == pytest.approx(expected, abs=0.005 + 5e-4 * half)
 
 
 @pytest.fixture
@@ -141,7 +193,7 @@ def counted_compress(monkeypatch):
 @pytest.mark.slow
 def test_a_second_comparison_skips_finished_runs_and_resumes_only_unfinished_ones(digits_comparison, tmp_path,
                                                                                   counted_compress, capsys):
-    config, root, _ = digits_comparison
+    config, root, *_ = digits_comparison
     shutil.copytree(root / "runs", tmp_path / "runs")
     cmp_dir = tmp_path / "runs" / "compare-digits"
     mtimes = {p: p.stat().st_mtime_ns for p in cmp_dir.glob("*/summary.json")}
@@ -169,7 +221,7 @@ def test_a_second_comparison_skips_finished_runs_and_resumes_only_unfinished_one
 
 @pytest.mark.slow
 def test_finished_runs_of_another_config_are_not_mixed_in(digits_comparison, counted_compress):
-    config, root, _ = digits_comparison
+    config, root, *_ = digits_comparison
     with pytest.raises(LISError, match=r"kdp\.lr=0\.02.*--name"):
         compare(config, POLICIES, SEEDS, overrides(root, root / "data") + ["kdp.lr=0.5"])
     assert counted_compress == []
@@ -177,7 +229,7 @@ def test_finished_runs_of_another_config_are_not_mixed_in(digits_comparison, cou
 
 @pytest.mark.slow
 def test_a_sweep_makes_one_labelled_row_per_value_of_the_fixed_policy(digits_comparison):
-    config, root, _ = digits_comparison
+    config, root, *_ = digits_comparison
     cmp_dir = compare(config, ["fixed"], [0], overrides(root, root / "data"), sweeps=["policy.alpha=0.5,2"],
                       name="sweep")
     rows = read_csv(cmp_dir / "comparison.csv")

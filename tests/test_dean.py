@@ -23,12 +23,41 @@ def test_a_fresh_dean_is_the_fixed_policy():
     assert w.alpha_out.item() == pytest.approx(1.5, rel=1e-4)
 
 
-def test_outputs_are_per_layer_and_differentiable():
-    dean = Dean()
-    w = dean(signals(7, torch.randn(4, 7)))
+def test_outputs_are_per_layer_and_their_gradient_matches_finite_differences():
+    """Bug caught: a broken path from the body to the outputs (a detach, a wrong squashing). A fresh dean's
+    heads have zero weights, so its body's gradient is exactly zero and "every parameter has a gradient"
+    proves nothing: the heads are perturbed first, and the gradient of every parameter is compared with
+    central differences in float64."""
+    torch.manual_seed(0)
+    dean = Dean().double()
+    with torch.no_grad():
+        for p in dean.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    s = signals(7, torch.randn(4, 7))
+    w = dean(s)
     assert w.alpha.shape == w.rho.shape == (7,) and w.alpha_out.shape == ()
-    (w.alpha.sum() + w.rho.log().sum() + w.alpha_out).backward()
-    assert all(p.grad is not None for p in dean.parameters())
+    params = list(dean.parameters())
+
+    def f():
+        w = dean(s)
+        return (torch.linspace(-1, 1, 7, dtype=torch.float64) * w.alpha).sum() + w.rho.log().sum() + w.alpha_out
+
+    grads = torch.autograd.grad(f(), params)
+    assert all(g.abs().max() > 1e-4 for g in grads[:4])  # the body's weights and biases get a real gradient
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(1e-6 * d)
+            plus = f()
+            for p, d in zip(params, direction):
+                p.sub_(2e-6 * d)
+            minus = f()
+            for p, d in zip(params, direction):
+                p.add_(1e-6 * d)
+        projected = sum((g * d).sum() for g, d in zip(grads, direction))
+        assert float((plus - minus) / 2e-6) == pytest.approx(float(projected), rel=1e-5)
 
 
 finite = st.floats(min_value=-1e30, max_value=1e30, allow_nan=False, allow_infinity=False)

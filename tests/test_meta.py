@@ -95,6 +95,18 @@ def test_backends_give_the_same_meta_gradient(unroll):
 
 
 @pytest.mark.parametrize("backend", ["higher", "func"])
+def test_meta_steps_lower_the_meta_objective(backend):
+    """Bug caught: a meta step that moves the dean the wrong way (a sign, a gradient taken of the wrong
+    loss): changing the dean is not enough, a few steps on fixed batches must lower L_meta. Each call returns
+    L_meta at the dean's weights before its step, so the last of six is L_meta after five steps."""
+    student, room, admm, dean, signals, batch, meta_batch = setup()
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    learner = MetaLearner(dean, lr=1e-2, unroll=1, beta=0.7, backend=backend)
+    losses = [learner(student, opt, room, admm, signals, batch, meta_batch)["meta_loss"] for _ in range(6)]
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("backend", ["higher", "func"])
 def test_meta_step_leaves_the_student_untouched(backend):
     student, room, admm, dean, signals, batch, meta_batch = setup(dtype=torch.float32)
     opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)

@@ -183,7 +183,14 @@ def test_arrays_equal_the_metrics_of_a_real_run(runs):
                              json.loads((runs[0] / "summary.json").read_text())["student_acc"])
 
 
-def test_plot_writes_every_figure(runs, tmp_path):
+def test_plot_writes_every_figure(runs, tmp_path, monkeypatch):
+    drawn, real_save = {}, plots._save
+
+    def save(fig, path):
+        drawn[path] = fig
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
     written = plots.plot(runs)
     per_run = ["distillability_heatmap.png", "distillability_lines.png", "sparsity.png", "admm_gap.png",
                "weights.png", "kept_channels.png"]
@@ -191,7 +198,54 @@ def test_plot_writes_every_figure(runs, tmp_path):
     expected = [d / "plots" / f for d in runs for f in per_run] + [runs[0].parent / "plots" / f for f in overlay]
     assert written == expected
     for path in written:
-        assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000
+        assert path.read_bytes()[:8] == PNG
+    check_drawn_content(runs, {p: drawn[p] for p in written})
     # one run with --out: its own figures there; layers chosen by name
     assert [p.name for p in plots.plot([runs[0]], tmp_path / "one")] == per_run
     assert plots.plot_run(runs[1], tmp_path / "two", layers=["features.1.0"])[1].name == "distillability_lines.png"
+
+
+def named_lines(ax):
+    """The lines of ``ax`` that carry a legend label (per-layer or per-run series, not marks or guides)."""
+    return [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+
+
+def check_drawn_content(run_dirs, figures):
+    """Bug caught: a figure that is written but shows the wrong series (another layer, key or run, a
+    column left out). What each figure drew, read back from its matplotlib objects, equals the logged data."""
+    parent = run_dirs[0].parent / "plots"
+    for run_dir in run_dirs:
+        run = plots.read_run(run_dir)
+        L, out = len(run.layer_names), run_dir / "plots"
+        (ax, _) = figures[out / "distillability_heatmap.png"].axes  # the map and its colorbar
+        np.testing.assert_allclose(ax.collections[0].get_array().reshape(L, -1), run.series["distillability"].T)
+        (ax,) = figures[out / "distillability_lines.png"].axes
+        picked = plots.pick_layers(run)
+        assert [line.get_label() for line in named_lines(ax)] == [run.layer_names[i] for i in picked]
+        for line, i in zip(named_lines(ax), picked):
+            np.testing.assert_allclose(line.get_ydata(), run.series["distillability"][:, i])
+        for name, key in (("sparsity.png", "sparsity"), ("admm_gap.png", "admm_gap")):
+            (ax,) = figures[out / name].axes
+            lines = named_lines(ax)
+            assert [line.get_label() for line in lines] == run.layer_names
+            for i, line in enumerate(lines):
+                np.testing.assert_allclose(line.get_ydata(), run.series[key][:, i])
+        dashed = [line for line in figures[out / "sparsity.png"].axes[0].get_lines() if line.get_linestyle() == "--"]
+        np.testing.assert_allclose(np.array([d.get_ydata() for d in dashed]).T, 1 - run.series["keep_ratio"])
+        axes = figures[out / "weights.png"].axes
+        for ax, key in zip(axes, ("alpha", "rho")):
+            np.testing.assert_allclose(np.array([line.get_ydata() for line in named_lines(ax)]).T, run.series[key])
+        np.testing.assert_allclose(axes[2].get_lines()[0].get_ydata(), run.alpha_out)
+        (ax,) = figures[out / "kept_channels.png"].axes
+        _, before, after = plots.kept_channels(run)
+        np.testing.assert_array_equal([b.get_height() for b in ax.patches], np.concatenate([before, after]))
+    # overlays: one line per run
+    reads = [plots.read_run(d) for d in run_dirs]
+    (ax,) = figures[parent / "distillability_mean.png"].axes
+    assert [line.get_label() for line in named_lines(ax)] == [r.label for r in reads]
+    for line, r in zip(named_lines(ax), reads):
+        np.testing.assert_allclose(line.get_ydata(), plots.mean_distillability(r)[1])
+    a_axis, r_axis = figures[parent / "weights_mean.png"].axes
+    assert len(a_axis.get_lines()) == 2 * len(reads) and len(r_axis.get_lines()) == len(reads)
+    for line, r in zip(r_axis.get_lines(), reads):
+        np.testing.assert_allclose(line.get_ydata(), plots.mean_weights(r)[3])

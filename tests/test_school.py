@@ -40,7 +40,7 @@ def test_compress_writes_a_pruned_student_that_meets_the_budget(dirs, policy):
     cfg, run_dir, summary, records = run(dirs, f"c-{policy}", f"policy.name={policy}")
     for f in ("config.yaml", "metrics.jsonl", "summary.json", "student.pt", "report.md"):
         assert (run_dir / f).is_file(), f
-    assert summary["policy"] == policy and 0 <= summary["student_acc"] <= 1
+    assert summary["policy"] == policy
     # the physically pruned student, loaded on its own, measured independently
     student = lis.load_student(run_dir / "student.pt")
     splits, loaders = load_data(cfg)
@@ -98,7 +98,7 @@ def test_a_student_of_another_architecture_learns_through_adapters(dirs):
     assert len(steps[0]["distillability"]) == len([r for r in records if "layer_names" in r][0]["layer_names"])
 
 
-def _tiny_school(seed=0):
+def _tiny_school(seed=0, model="mnist1d_cnn", shape=(1, 40)):
     import copy
 
     from lis.admm import ADMMState
@@ -106,27 +106,29 @@ def _tiny_school(seed=0):
     from lis.school import Classroom
 
     torch.manual_seed(seed)
-    teacher = lis.models.create("mnist1d_cnn", 10).eval()
+    teacher = lis.models.create(model, 10).eval()
     student = copy.deepcopy(teacher).train()
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    example = torch.zeros(2, 1, 40)
+    example = torch.zeros(2, *shape)
     groups = find_groups(student, example)
     admm = ADMMState(student, groups, CostModel(student, groups, example), {"macs": 0.5}, 0.1)
     names = [g.name for g in groups]
     room = Classroom(teacher, student, names, names, example, temperature=4.0)
-    batch = (torch.randn(32, 1, 40), torch.randint(0, 10, (32,)))
+    batch = (torch.randn(32, *shape), torch.randint(0, 10, (32,)))
     return student, room, groups, admm, batch
 
 
-def _iterations(student, room, groups, admm, batches, signals_interval):
+def _iterations(student, room, groups, admm, batches, signals_interval, precision=None):
     from lis.policy import FixedPolicy
     from lis.school import KDPSettings, kdp
+    from lis.train import Precision
 
     records = []
     settings = KDPSettings(epochs=1, lr=0.1, momentum=0.0, weight_decay=0.0, admm_interval=100,
-                           signals_interval=signals_interval, ema=0.9, meta_interval=100)
+                           signals_interval=signals_interval, ema=0.9, meta_interval=100,
+                           precision=precision or Precision())
     kdp(student, room, groups, admm, FixedPolicy(0.7, 0.3, 1e-2), batches, batches, torch.device("cpu"),
         settings, records.append)
     return records
@@ -168,12 +170,51 @@ def test_a_measured_iteration_updates_like_a_plain_one():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("option", ["run.amp=bf16", "run.channels_last=true"])
-def test_gpu_speed_options_run_and_stay_close_to_float32(dirs, option):
-    # on the 2-D digits CNN (channels_last applies to 4-D tensors); bf16 autocast works on CPU too
-    _, _, plain, _ = run(dirs, f"plain-{option}", "policy.name=fixed", config="experiments/digits.yaml")
-    _, run_dir, fast, records = run(dirs, f"fast-{option}", "policy.name=fixed", option,
+def test_bf16_autocast_runs_and_stays_close_to_float32(dirs):
+    # bf16 autocast works on CPU too; bfloat16 keeps 8 bits of mantissa, so only the outcome can be compared
+    _, _, plain, _ = run(dirs, "plain-fixed", "policy.name=fixed", config="experiments/digits.yaml")
+    _, run_dir, fast, records = run(dirs, "bf16-fixed", "policy.name=fixed", "run.amp=bf16",
                                     config="experiments/digits.yaml")
     assert fast["params"] == plain["params"] and fast["macs"] == plain["macs"]
     assert abs(fast["student_acc"] - plain["student_acc"]) < 0.1
     assert all(math.isfinite(r["ce"]) for r in kdp_steps(records))
+
+
+def test_channels_last_computes_what_the_default_layout_computes():
+    """Bug caught: a layout change that alters the numbers (a kernel or a hook that reads memory in the wrong
+    order). Two KDP iterations of the 2-D digits CNN (one measured, one plain) in either layout: the same
+    signals and the same weights up to float32 rounding."""
+    from lis.train import Precision
+
+    second = (torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 10)
+    results = []
+    for precision in (Precision(), Precision(channels_last=True)):
+        student, *rest, batch = _tiny_school(model="digits_cnn", shape=(1, 8, 8))
+        records = _iterations(student, *rest, [batch, second], signals_interval=2, precision=precision)
+        results.append((student, next(r for r in records if "distillability" in r)))
+    (plain, logged_plain), (fast, logged_fast) = results
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in fast.parameters())  # the layout did change
+    assert logged_fast["distillability"] == pytest.approx(logged_plain["distillability"], abs=1e-5)
+    assert logged_fast["ce"] == pytest.approx(logged_plain["ce"], abs=1e-5)
+    for (n, a), b in zip(plain.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b.contiguous(), a, rtol=0, atol=1e-5, msg=n)
+
+
+def test_kdp_on_digits_learns_shrinks_the_admm_gap_and_raises_sparsity(dirs, untrained_accuracy):
+    """Bug caught: a loop that runs without learning (a wrong sign, a step on the wrong tensors, a penalty
+    that pushes W away from Z). Digits, fixed weights, a pull strong enough to act within the run
+    (lr * rho * admm.interval = 0.2): the pruned student is well above chance (10%) and far above its own
+    untrained copy, and over KDP the mean ADMM gap falls while the mean sparsity rises."""
+    cfg, run_dir, summary, records = run(
+        dirs, "learns", "policy.name=fixed", "kdp.epochs=3", "admm.interval=10", "policy.rho=1",
+        config="experiments/digits.yaml")
+    student = lis.load_student(run_dir / "student.pt")
+    _, loaders = load_data(cfg)
+    assert summary["student_acc"] >= 0.8
+    assert summary["student_acc"] >= untrained_accuracy(student, loaders.test) + 0.5
+    steps = kdp_steps(records)
+    gap = [sum(r["admm_gap"]) / len(r["admm_gap"]) for r in steps]
+    sparsity = [sum(r["sparsity"]) / len(r["sparsity"]) for r in steps]
+    assert gap[-1] < 0.75 * gap[0]
+    assert sparsity[-1] > sparsity[0]
