@@ -1,0 +1,55 @@
+"""Issue 13's method bugs, one test each that failed before its fix (the bug is named in each docstring)."""
+
+import pytest
+import torch
+
+from lis.config import ConfigError, load_config
+from lis.dean import Dean
+from lis.pipeline import build_policy
+from lis.signals import Signals
+
+
+def _signals(n):
+    v = torch.randn(4, n)
+    return Signals(v[0], v[1], v[2], v[3], 0.3, 1.0, 0.5)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([], (1.0, 1.0, 0.1)),
+    (["policy.alpha=0.05", "policy.alpha_out=1.9", "policy.rho=0.5"], (0.05, 1.9, 0.5)),
+    (["policy.a_max=10", "policy.alpha=6", "policy.r_min=1e-6", "policy.r_max=10", "policy.rho=5"], (6.0, 1.0, 5.0)),
+])
+def test_a_fresh_dean_outputs_exactly_the_configured_constants(overrides, expected):
+    """Bug: the dean's bounds were hard-coded (a_max 2, r in [1e-4, 1]) and a start outside them was clamped
+    silently; a value near a bound came out shifted by the 1e-4 clamp of the logit."""
+    dean = build_policy(load_config("experiments/digits.yaml", overrides))
+    w = dean(_signals(6))
+    alpha, alpha_out, rho = expected
+    torch.testing.assert_close(w.alpha, torch.full((6,), alpha), rtol=1e-6, atol=0)
+    torch.testing.assert_close(w.alpha_out, torch.tensor(alpha_out), rtol=1e-6, atol=0)
+    torch.testing.assert_close(w.rho, torch.full((6,), rho), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("policy.alpha=0", "policy.alpha=0.0 is outside (0, policy.a_max=2.0)"),
+    ("policy.alpha_out=2", "policy.alpha_out=2.0 is outside (0, policy.a_max=2.0)"),
+    ("policy.rho=1.0", "policy.rho=1.0 is outside (policy.r_min=0.0001, policy.r_max=1.0)"),
+    ("policy.r_min=2", "policy.r_min=2.0 must be below policy.r_max=1.0"),
+])
+def test_a_dean_start_outside_the_open_range_is_refused(override, message):
+    """Bug: policy.alpha=0 gave a dean at 2e-4 with its sigmoid saturated (it could not move), alpha >= a_max
+    gave 1.9998, and a rho outside [r_min, r_max] was clipped, all without a word."""
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        load_config("experiments/digits.yaml", [override])
+    with pytest.raises(ValueError):
+        Dean(a_max=2.0, r_min=1e-4, r_max=1.0, init_alpha=0.0 if "alpha=" in override else 1.0,
+             init_alpha_out=2.0 if "alpha_out" in override else 1.0,
+             init_rho=1.0 if "rho=" in override else 2.0 if "r_min" in override else 0.1)
+
+
+def test_the_start_range_binds_only_the_dean():
+    """A fixed-weight baseline may use alpha = 0 (prune_only does), and a dean that does not learn r_l may
+    hold any rho >= 0."""
+    load_config("experiments/digits.yaml", ["policy.name=fixed", "policy.alpha=0", "policy.rho=5"])
+    dean = build_policy(load_config("experiments/digits.yaml", ["meta.learn_rho=false", "policy.rho=5"]))
+    torch.testing.assert_close(dean(_signals(3)).rho, torch.full((3,), 5.0))
