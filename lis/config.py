@@ -32,7 +32,7 @@ class ConfigError(LISError):
 class RunConfig:
     name: str = "run"  #: run directory name under ``dir``
     dir: str = "runs"  #: parent folder of run directories (and of the teacher cache)
-    seed: int = 0  #: seeds python, numpy, torch and the batch order (not the teacher or the meta split)
+    seed: int = 0  #: seeds python, numpy, torch and the batch order (not the teacher or the meta and val splits)
     device: str = "auto"  #: ``auto`` (cuda when present), ``cpu``, ``cuda``, ``cuda:N``
     amp: str = "off"  #: ``bf16``: forward passes under bfloat16 autocast (GPU speed); ``off``: float32
     channels_last: bool = False  #: channels_last memory layout for 2-D conv nets (GPU speed)
@@ -336,15 +336,15 @@ def validate(cfg: Config) -> None:
     if cfg.data.meta_fraction + cfg.data.val_fraction >= 1.0:
         raise ConfigError(f"data.meta_fraction={cfg.data.meta_fraction} and data.val_fraction="
                           f"{cfg.data.val_fraction} leave no training set: their sum must be below 1")
-    if cfg.policy.name == "dean":
-        _check_dean_start(cfg.policy, cfg.meta.learn_rho)
     if cfg.run.name in ("", ".", "..") or "/" in cfg.run.name:
         raise ConfigError(f"run.name={cfg.run.name!r} must be a plain folder name, without '/'")
 
 
-def _check_dean_start(p: PolicyConfig, learn_rho: bool) -> None:
+def check_dean_start(cfg: Config) -> None:
     """A fresh dean starts at the fixed constants through sigmoids, which reach only the open ranges: refuse a
-    start outside them (clamping it would give another constant, with the sigmoid saturated)."""
+    start outside them (clamping it would give another constant, with the sigmoid saturated). Checked when
+    the dean is built: the same constants are free for the fixed-weight policies."""
+    p, learn_rho = cfg.policy, cfg.meta.learn_rho
     if not p.r_min < p.r_max:
         raise ConfigError(f"policy.r_min={p.r_min} must be below policy.r_max={p.r_max}: swap or fix them")
     for key, value in (("alpha", p.alpha), ("alpha_out", p.alpha_out)):

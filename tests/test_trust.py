@@ -40,7 +40,7 @@ def test_a_dean_start_outside_the_open_range_is_refused(override, message):
     """Bug: policy.alpha=0 gave a dean at 2e-4 with its sigmoid saturated (it could not move), alpha >= a_max
     gave 1.9998, and a rho outside [r_min, r_max] was clipped, all without a word."""
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-        load_config("experiments/digits.yaml", [override])
+        build_policy(load_config("experiments/digits.yaml", [override]))
     with pytest.raises(ValueError):
         Dean(a_max=2.0, r_min=1e-4, r_max=1.0, init_alpha=0.0 if "alpha=" in override else 1.0,
              init_alpha_out=2.0 if "alpha_out" in override else 1.0,
