@@ -296,7 +296,9 @@ def kdp(
                 else:
                     (lesson.ce + kd).backward()  # DDP averages the student's gradients
                     _average_grads(room.adapters)
-                # 4. the ADMM pull towards the sparse copy Z, then the SGD step (if all is finite)
+                # 4. the ADMM pull towards the sparse copy Z (U rescaled to this r), then the SGD step (if all is
+                # finite)
+                admm.rescale_duals(w.rho)
                 admm.penalty_grad_(student, w.rho)
                 guard(where, {"the CE loss": (lesson.ce, None), "the KD_logit loss": (lesson.kd_logit, None),
                               "the KD_feat loss": (lesson.kd_feat, layers),

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import test_admm as ta
+from lis.admm import ADMMState
 from lis.config import ConfigError, load_config
 from lis.dean import Dean
 from lis.pipeline import build_policy
@@ -53,3 +55,38 @@ def test_the_start_range_binds_only_the_dean():
     load_config("experiments/digits.yaml", ["policy.name=fixed", "policy.alpha=0", "policy.rho=5"])
     dean = build_policy(load_config("experiments/digits.yaml", ["meta.learn_rho=false", "policy.rho=5"]))
     torch.testing.assert_close(dean(_signals(3)).rho, torch.full((3,), 5.0))
+
+
+def test_scaled_admm_follows_the_unscaled_form_when_rho_changes():
+    """Bug: U is the scaled dual y / r, but a change of r_l (the dean changes it every iteration) left U as
+    it was, so the dual force y_l = r_l U_l jumped with r_l. Reference: ADMM in unscaled form, by hand:
+    grad = y + r (W - Z), Z = Proj(W + y / r), y += r (W - Z)."""
+    model, _, groups = ta.tiny()
+    state = ADMMState(model, groups, ta.LinearCost(), budgets={"macs": 0.4}, min_keep_ratio=0.25)
+    names = [g.name for g in groups]
+    w = ta.w_by_hand(model)
+    z = {n: state.Z[n].clone() for n in names}
+    y = {n: torch.zeros_like(w[n]) for n in names}
+    gen, lr = torch.Generator().manual_seed(0), 0.3
+    for it in range(1, 13):
+        rho = 0.05 + torch.rand(2, generator=gen)  # a new r_l every iteration
+        model.zero_grad(set_to_none=True)
+        state.rescale_duals(rho)
+        state.penalty_grad_(model, rho)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.sub_(lr * p.grad)
+        for r, n in zip(rho.tolist(), names):
+            w[n] = w[n] - lr * (y[n] + r * (w[n] - z[n]))
+        if it % 3 == 0:
+            state.project(model)
+            state.update_duals(model)
+            for r, n in zip(rho.tolist(), names):
+                z[n], _ = ta.proj_by_hand(w[n] + y[n] / r, state.keep[n])
+                y[n] = y[n] + r * (w[n] - z[n])
+        now = ta.w_by_hand(model)
+        for r, n in zip(rho.tolist(), names):
+            torch.testing.assert_close(now[n], w[n], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(r * state.U[n], y[n], rtol=1e-4, atol=1e-5)
+    assert any(y[n].abs().sum() > 0.1 for n in names)  # the dual force is there to get wrong
