@@ -244,11 +244,13 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
                                  features=features, feature_loss=cfg.kdp.feature_loss).to(device)
                 small, masks, weights = _recipe(cfg, student, room, groups, admm, policy, loaders, device, example,
                                                 log, ckpt)
+                keep_index = None if masks is None or cfg.policy.name == "scratch" else \
+                    {g.name: masks[g.name].nonzero().flatten() for g in groups}
             else:  # KDP (or the one-shot pruning) is done: continue fine-tuning the pruned student
-                small, masks, weights = resumed["student"].to(device), None, resumed["weights"]
+                small, weights, keep_index = resumed["student"].to(device), resumed["weights"], resumed.get("keep_index")
             # fine-tune the small student with the policy's final weights; adapters start as the kept channels
-            keep_index = None if masks is None or cfg.policy.name == "scratch" else \
-                {g.name: masks[g.name].nonzero().flatten() for g in groups}
+            # (every fine-tuning checkpoint holds them: a resumed run builds the same adapters, full-width ones too)
+            ckpt.context["keep_index"] = keep_index
             small_room = Classroom(teacher, small, layers, teacher_layers, example, cfg.kdp.temperature,
                                    features=features, init_index=keep_index,
                                    feature_loss=cfg.kdp.feature_loss).to(device)
