@@ -4,9 +4,11 @@ import pytest
 import torch
 
 import test_admm as ta
+import test_meta as tm
 from lis.admm import ADMMState
 from lis.config import ConfigError, load_config
 from lis.dean import Dean
+from lis.meta import BACKENDS, mirror
 from lis.pipeline import build_policy
 from lis.signals import Signals
 
@@ -90,3 +92,44 @@ def test_scaled_admm_follows_the_unscaled_form_when_rho_changes():
             torch.testing.assert_close(now[n], w[n], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(r * state.U[n], y[n], rtol=1e-4, atol=1e-5)
     assert any(y[n].abs().sum() > 0.1 for n in names)  # the dual force is there to get wrong
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("backend", ["higher", "func"])
+def test_one_unrolled_step_is_the_real_next_step(backend, nesterov):
+    """Bug: the meta step's look-ahead was plain SGD at the scheduled learning rate while the real step has
+    momentum 0.9 and weight decay, so W' was not where the student goes. With the dean's weights held, one
+    unrolled step must give the weights of the real optimizer's step on the same batch (momentum buffers
+    from earlier real steps included)."""
+    student, room, admm, dean, signals, batch, _ = tm.setup(dtype=torch.float64)
+    w = dean(signals).detached()
+    params = list(student.parameters()) + list(room.adapters.parameters())
+    opt = torch.optim.SGD(params, lr=0.2, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
+
+    def real_step(x, y):  # the KDP loop's update: loss backward, the analytic ADMM pull, SGD step
+        opt.zero_grad(set_to_none=True)
+        lesson = room.lesson(student, x, y)
+        (lesson.ce + lesson.distillation(w)).backward()
+        admm.penalty_grad_(student, w.rho)
+        opt.step()
+
+    for _ in range(2):  # momentum buffers worth copying
+        real_step(torch.randn_like(batch[0]), torch.randint(0, 3, (8,)))
+
+    def step_loss(module, p, forward):  # MetaLearner's KDP loss of the unroll
+        lesson = room.lesson(module, *batch, forward)
+        return lesson.ce + lesson.distillation(w) + admm.penalty(p, w.rho)
+
+    unrolled = {}
+
+    def capture(module, p, forward):
+        unrolled.update({n: t.detach().clone() for n, t in p.items()})
+        return torch.zeros(())
+
+    lr = opt.param_groups[0]["lr"]
+    BACKENDS[backend](student, mirror(student, opt, lr), 1, step_loss, capture)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    real_step(*batch)
+    for n, p in student.named_parameters():
+        assert not torch.equal(p, before[n]), n
+        torch.testing.assert_close(unrolled[n], p.detach(), rtol=1e-9, atol=1e-12, msg=n)
