@@ -96,8 +96,10 @@ class ADMMConfig:
 
 @dataclass
 class PruneConfig:
-    target_macs_reduction: Optional[float] = 0.75  #: 1 - MACs(student)/MACs(teacher), in (0, 1)
-    target_params_reduction: Optional[float] = None  #: 1 - params(student)/params(teacher); both may be set
+    #: 1 - MACs(pruned student)/MACs(unpruned student), in (0, 1); the student is the teacher's copy unless
+    #: student.model is set (summary.json's macs_reduction is always against the teacher)
+    target_macs_reduction: Optional[float] = 0.75
+    target_params_reduction: Optional[float] = None  #: the same for parameters; both may be set
     min_keep_ratio: float = 0.1  #: every channel group keeps at least this fraction of channels
 
 

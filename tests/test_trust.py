@@ -10,6 +10,8 @@ from lis.config import ConfigError, load_config
 from lis.dean import Dean
 from lis.meta import BACKENDS, mirror
 from lis.pipeline import build_policy
+from lis.policy import create_policy
+from lis.school import KDPSettings, finetune, kdp
 from lis.signals import Signals
 
 
@@ -133,3 +135,37 @@ def test_one_unrolled_step_is_the_real_next_step(backend, nesterov):
     for n, p in student.named_parameters():
         assert not torch.equal(p, before[n]), n
         torch.testing.assert_close(unrolled[n], p.detach(), rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_a_policy_that_does_not_distil_never_runs_the_teacher_outside_measurements():
+    """Bug: prune_only and scratch ran the teacher forward and the KD losses every iteration only to multiply
+    them by 0 (wasted time, and 0 * NaN poisons the gradient). Now the teacher runs only on the iterations
+    that measure distillability (which a non-distilling policy still gets, with unit weights)."""
+    student, room, admm, _, _, batch, _ = tm.setup(dtype=torch.float32)
+    calls = []
+    room.teacher[0].register_forward_hook(lambda *_: calls.append(1))
+    groups = admm.groups
+    train = [(torch.randn_like(batch[0]), torch.randint(0, 3, (8,))) for _ in range(6)]
+    settings = KDPSettings(epochs=1, lr=0.05, momentum=0.9, weight_decay=5e-4, admm_interval=2,
+                           signals_interval=4, ema=0.9, meta_interval=100)
+    kdp(student, room, groups, admm, create_policy("prune_only", alpha_out=1.0, alpha=1.0, rho=0.1), train,
+        train[:1], torch.device("cpu"), settings, lambda r: None)
+    assert len(calls) == 2  # iterations 0 and 4 measure distillability
+    calls.clear()
+    finetune(student, room, create_policy("scratch", alpha_out=1.0, alpha=1.0, rho=0.1)(_signals(len(groups))),
+             train, train[:1], torch.device("cpu"), epochs=1, lr=0.01, momentum=0.9, weight_decay=5e-4,
+             log=lambda r: None)
+    assert calls == []
+    finetune(student, room, create_policy("fixed", alpha_out=1.0, alpha=1.0, rho=0.1)(_signals(len(groups))),
+             train, train[:1], torch.device("cpu"), epochs=1, lr=0.01, momentum=0.9, weight_decay=5e-4,
+             log=lambda r: None)
+    assert len(calls) == len(train)  # a distilling policy does run it
+
+
+def test_compare_help_prints_a_plain_percent(capsys):
+    """Bug: argparse does not %-format a description, so 'lis compare --help' printed '95%%'."""
+    from lis.cli import main
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    out = capsys.readouterr().out
+    assert "95% CI" in out and "%%" not in out
