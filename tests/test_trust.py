@@ -2,12 +2,16 @@
 
 import pytest
 import torch
+from torch import nn
 
 import test_admm as ta
 import test_meta as tm
 from lis.admm import ADMMState
 from lis.config import ConfigError, load_config
 from lis.dean import Dean
+from lis.errors import LISError
+from lis.groups import find_groups
+from lis.prune import hard_prune
 from lis.meta import BACKENDS, mirror
 from lis.pipeline import build_policy
 from lis.policy import create_policy
@@ -169,3 +173,31 @@ def test_compare_help_prints_a_plain_percent(capsys):
         main(["compare", "--help"])
     out = capsys.readouterr().out
     assert "95% CI" in out and "%%" not in out
+
+
+class _PlainBNBeforeConv(nn.Module):
+    """conv -> BatchNorm(affine=False) -> conv: a zeroed first-conv channel leaves the BN as -mean/std, not 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False)
+        self.conv2, self.fc = nn.Conv2d(4, 3, 3, padding=1), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv2(self.bn(self.conv1(x))).mean((2, 3)))
+
+
+def test_a_hard_prune_that_changes_the_outputs_is_refused():
+    """Bug: the hard prune's 'outputs equal the masked model's' rested on 'a zeroed channel gives a zero
+    activation', false for BatchNorm(affine=False) before a conv (outputs differed by 0.015), and nothing
+    checked it. Now every hard prune compares the outputs and stops when they differ."""
+    torch.manual_seed(0)
+    model, x = _PlainBNBeforeConv(), torch.randn(2, 2, 6, 6)
+    model.bn.running_mean.normal_()  # trained statistics: a zeroed channel maps to -mean / std
+    groups = find_groups(model, x)
+    masks = {g.name: torch.arange(g.num_channels) % 2 == 0 for g in groups}
+    with pytest.raises(LISError, match="the hard prune changed the model's outputs"):
+        hard_prune(model, groups, masks, x)
+    model.bn.running_mean.zero_()  # a zero channel stays zero: the same prune is exact and accepted
+    small = hard_prune(model, groups, masks, x)
+    assert small.conv1.out_channels == 2
