@@ -45,7 +45,8 @@ def load_data(cfg: Config) -> tuple[Splits, Loaders]:
     # the meta and val splits are carved with a fixed seed (DESIGN.md section 6): every run and its teacher see
     # the same training set, whatever run.seed; run.seed orders the batches
     splits = build_splits(d.name, d.root, download=d.download, meta_fraction=d.meta_fraction,
-                          val_fraction=d.val_fraction, seed=0, image_size=d.image_size, num_classes=d.num_classes, fake_size=d.fake_size)
+                          val_fraction=d.val_fraction, seed=0, image_size=d.image_size, num_classes=d.num_classes,
+                          fake_size=d.fake_size)
     return splits, make_loaders(splits, d.batch_size, d.num_workers, seed=cfg.run.seed, rank=dist.rank(),
                                 world=dist.world(), meta_batch_size=cfg.meta.batch_size)
 
@@ -247,7 +248,8 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
                 keep_index = None if masks is None or cfg.policy.name == "scratch" else \
                     {g.name: masks[g.name].nonzero().flatten() for g in groups}
             else:  # KDP (or the one-shot pruning) is done: continue fine-tuning the pruned student
-                small, weights, keep_index = resumed["student"].to(device), resumed["weights"], resumed.get("keep_index")
+                small, weights = resumed["student"].to(device), resumed["weights"]
+                keep_index = resumed.get("keep_index")
             # fine-tune the small student with the policy's final weights; adapters start as the kept channels
             # (every fine-tuning checkpoint holds them: a resumed run builds the same adapters, full-width ones too)
             ckpt.context["keep_index"] = keep_index
