@@ -7,6 +7,9 @@ out-channel slices, one row per channel):
     U-step:  U_l = U_l + W_l - Z_l
     penalty: sum_l (r_l / 2) * ||W_l - Z_l + U_l||^2
 
+U is the scaled dual y_l / r_l: when the policy changes r_l, ``rescale_duals()``
+sets U_l <- U_l * r_old / r_new, so the dual force y_l stays what it was.
+
 ``ADMMState.project()`` and ``update_duals()`` are called by the loop every
 ``admm.interval`` iterations; ``penalty_grad_()`` adds the penalty's gradient
 to ``.grad`` (it is analytic, so the loop needs no extra backward for it) and
@@ -22,7 +25,7 @@ Groups whose channels shrink fastest (high sparsability) thus give up more.
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -128,6 +131,7 @@ class ADMMState:
         self.Z: dict[str, torch.Tensor] = {}
         self.masks: dict[str, torch.Tensor] = {}
         self.keep: dict[str, int] = {}
+        self.rho: Optional[torch.Tensor] = None  #: the r_l that U is scaled by (None: not set yet)
         self.project(model)
 
     @torch.no_grad()
@@ -145,6 +149,17 @@ class ADMMState:
         params = _params(model)
         for g in self.groups:
             self.U[g.name] += group_rows(params, g) - self.Z[g.name]
+
+    @torch.no_grad()
+    def rescale_duals(self, rho: torch.Tensor) -> None:
+        """Scale U to the policy's new r_l: U_l <- U_l * r_old / r_new, keeping y_l = r_l U_l. The first call
+        only records r; a layer whose old or new r_l is 0 (no ADMM pull, y_l = 0) keeps its U."""
+        rho = rho.detach().cpu().double()
+        if self.rho is not None:
+            for old, new, g in zip(self.rho.tolist(), rho.tolist(), self.groups):
+                if old != new and old > 0 and new > 0:
+                    self.U[g.name] *= old / new
+        self.rho = rho
 
     def penalty(self, params: Mapping[str, torch.Tensor], rho: torch.Tensor) -> torch.Tensor:
         """sum_l (rho_l / 2) ||W_l - Z_l + U_l||^2, differentiable in W and rho (``params``: name -> tensor)."""
@@ -180,8 +195,10 @@ class ADMMState:
     def state_dict(self) -> dict:
         """A snapshot (copies) of Z, U, the masks and the keep counts."""
         clone = lambda d: {k: v.clone() for k, v in d.items()}  # noqa: E731
-        return {"Z": clone(self.Z), "U": clone(self.U), "masks": clone(self.masks), "keep": dict(self.keep)}
+        return {"Z": clone(self.Z), "U": clone(self.U), "masks": clone(self.masks), "keep": dict(self.keep),
+                "rho": self.rho}
 
     def load_state_dict(self, state: dict) -> None:
         self.Z, self.U = dict(state["Z"]), dict(state["U"])
         self.masks, self.keep = dict(state["masks"]), dict(state["keep"])
+        self.rho = state.get("rho")

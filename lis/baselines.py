@@ -13,12 +13,13 @@ fine-tuning epochs on fine-tuning, so every method trains as long:
   and trained with cross-entropy only (no teacher);
 - ``tp_group_norm``: Torch-Pruning's own group-norm sparse training
   (``GroupNormPruner.regularize`` in an ordinary training loop), pruned with
-  its own global group ranking until the measured MACs/params budget is met,
-  then the same distillation fine-tuning.
+  its own global group ranking at the smallest pruning ratio (bisected) whose
+  measured MACs/params meet the budget, then the same distillation fine-tuning.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -28,11 +29,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lis.admm import ADMMState, plan_keep
+from lis.errors import LISError
 from lis.groups import ChannelGroup, group_tensors
 from lis.measure import count_macs, count_params
 from lis.run import progress
 
 ONE_SHOT = ("l1_prune", "scratch")
+MAX_RATIO = 0.95  #: tp_group_norm's largest pruning ratio (Torch-Pruning's max_pruning_ratio)
 EXTERNAL = ("tp_group_norm",)
 
 
@@ -64,17 +67,23 @@ def reinit_(model: nn.Module) -> None:
 
 def tp_group_norm(model: nn.Module, example: torch.Tensor, budgets: dict[str, float], train: DataLoader,
                   device: torch.device, *, epochs: int, lr: float, momentum: float, weight_decay: float,
-                  reg: float = 5e-4, steps: int = 100) -> nn.Module:
-    """Torch-Pruning's group-norm sparse training, then its global pruning until ``budgets`` are met.
+                  reg: float = 5e-4, steps: int = 30) -> nn.Module:
+    """Torch-Pruning's group-norm sparse training, then its global pruning at the budget.
 
-    ``model`` is trained and pruned in place and returned. The pruner ranks
-    groups globally and prunes in ``steps`` increments of its ratio; pruning
-    stops at the first step whose measured MACs and params meet every budget.
+    ``model`` is trained, and a pruned copy returned. The pruner ranks
+    channels globally and removes a fraction (its pruning ratio) of them; the
+    smallest ratio whose measured MACs and params meet every budget is found
+    by ``steps`` bisection steps, so the cut is as close to the budget as the
+    other methods'. ``LISError`` when even its largest ratio misses a budget.
     """
-    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
-    pruner = tp.pruner.GroupNormPruner(
-        model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), reg=reg, global_pruning=True,
-        pruning_ratio=1.0, max_pruning_ratio=0.95, iterative_steps=steps, ignored_layers=classifier)
+
+    def pruner(m: nn.Module, ratio: float) -> tp.pruner.GroupNormPruner:
+        classifier = [c for c in m.modules() if isinstance(c, nn.Linear)][-1:]
+        return tp.pruner.GroupNormPruner(
+            m, example, importance=tp.importance.GroupMagnitudeImportance(p=2), reg=reg, global_pruning=True,
+            pruning_ratio=ratio, max_pruning_ratio=MAX_RATIO, iterative_steps=1, ignored_layers=classifier)
+
+    sparse = pruner(model, 0.0)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * len(train), 1))
     for _ in progress(range(epochs), desc="tp_group_norm"):
@@ -83,16 +92,30 @@ def tp_group_norm(model: nn.Module, example: torch.Tensor, budgets: dict[str, fl
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
-            pruner.regularize(model)
+            sparse.regularize(model)
             opt.step()
             sched.step()
     shape = tuple(example.shape[1:])
-    full = {"macs": count_macs(model, shape), "params": count_params(model)}
-    measure = {"macs": lambda: count_macs(model, shape), "params": lambda: count_params(model)}
+    measure = {"macs": lambda m: count_macs(m, shape), "params": count_params}
+    full = {k: measure[k](model) for k in budgets}
     model.eval()
+
+    def pruned(ratio: float) -> tuple[nn.Module, bool]:
+        small = copy.deepcopy(model)
+        pruner(small, ratio).step()
+        return small, all(measure[k](small) <= (1 - t) * full[k] for k, t in budgets.items())
+
+    best, fits = pruned(MAX_RATIO)
+    if not fits:
+        raise LISError(f"tp_group_norm cannot reach the pruning budget: at its largest pruning ratio "
+                       f"{MAX_RATIO} the budget is still missed; lower prune.target_*_reduction")
+    lo, hi = 0.0, MAX_RATIO  # invariant: ratio hi fits (best), lo does not or is 0
     for _ in range(steps):
-        if all(measure[k]() <= (1 - t) * full[k] for k, t in budgets.items()):
-            break
-        pruner.step()
-    return model
+        mid = (lo + hi) / 2
+        small, fits = pruned(mid)
+        if fits:
+            hi, best = mid, small
+        else:
+            lo = mid
+    return best
 

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="run policies x seeds of one config and compare them (mean ± std, dean vs best)",
                        description="Compress CONFIG with every policy and seed into <run.dir>/<name>/ and write "
                                    "comparison.csv, comparison.md (mean ± std over seeds, dean minus the best "
-                                   "baseline with a 95%% CI) and plots/acc_vs_macs.png. Finished runs are skipped, "
+                                   "baseline with a 95% CI) and plots/acc_vs_macs.png. Finished runs are skipped, "
                                    "so an interrupted comparison continues where it stopped.")
     p.add_argument("config", help="YAML config file (see experiments/)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config field (all runs)")

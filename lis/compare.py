@@ -114,7 +114,7 @@ def _pm(mean: float, std: float, digits: int) -> str:
 
 def format_table(aggregated: Sequence[Mapping]) -> str:
     """The aggregated comparison as a markdown table: mean ± std over seeds, accuracy in percent."""
-    lines = ["| label | seeds | student accuracy (%) | meta-split accuracy (%) | params | MACs | MACs reduction (%) "
+    lines = ["| label | seeds | student accuracy (%) | val accuracy (%) | params | MACs | MACs reduction (%) "
              "| latency (ms) | wall time (s) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for a in aggregated:
@@ -230,11 +230,16 @@ def _check_same_config(run_dir: Path, cfg: Config) -> None:
 def row_from_summary(label: str, summary: Mapping) -> dict:
     """One ``comparison.csv`` row from a run's ``summary.json`` (params, MACs, latency: the student's)."""
     return {"label": label, "policy": summary["policy"], "seed": summary["seed"],
-            "student_acc": summary["student_acc"], "val_acc": summary.get("val_acc", math.nan),
+            "student_acc": summary["student_acc"], "val_acc": _or_nan(summary.get("val_acc")),
             "teacher_acc": summary["teacher_acc"],
             "params": summary["params"]["student"], "macs": summary["macs"]["student"],
             "params_reduction": summary["params_reduction"], "macs_reduction": summary["macs_reduction"],
             "latency_ms": summary["latency_ms"]["student"], "wall_time_s": summary["wall_time_s"]}
+
+
+def _or_nan(value) -> float:
+    """A summary's ``val_acc``: null (a run without a val split) is NaN in the tables."""
+    return math.nan if value is None else value
 
 
 def compare(config_path: str | Path, policies: Sequence[str], seeds: Sequence[int], overrides: Sequence[str] = (),

@@ -32,7 +32,7 @@ class ConfigError(LISError):
 class RunConfig:
     name: str = "run"  #: run directory name under ``dir``
     dir: str = "runs"  #: parent folder of run directories (and of the teacher cache)
-    seed: int = 0  #: seeds python, numpy, torch and the batch order (not the teacher or the meta split)
+    seed: int = 0  #: seeds python, numpy, torch and the batch order (not the teacher or the meta and val splits)
     device: str = "auto"  #: ``auto`` (cuda when present), ``cpu``, ``cuda``, ``cuda:N``
     amp: str = "off"  #: ``bf16``: forward passes under bfloat16 autocast (GPU speed); ``off``: float32
     channels_last: bool = False  #: channels_last memory layout for 2-D conv nets (GPU speed)
@@ -47,6 +47,8 @@ class DataConfig:
     batch_size: int = 128  #: training batch size (also used for evaluation and latency)
     num_workers: int = 0  #: DataLoader worker processes
     meta_fraction: float = 0.1  #: fraction of train held out as the meta split, in [0, 1)
+    #: fraction of train held out as the val split (val_acc, for choosing settings), in [0, 1); 0: no val split
+    val_fraction: float = 0.1
     image_size: int = 32  #: input side in pixels for fake / imagenet / folder data
     num_classes: int = 10  #: classes of the ``fake`` dataset (others know their own)
     fake_size: int = 512  #: training samples of the ``fake`` dataset (test: a quarter)
@@ -103,8 +105,10 @@ class ADMMConfig:
 
 @dataclass
 class PruneConfig:
-    target_macs_reduction: Optional[float] = 0.75  #: 1 - MACs(student)/MACs(teacher), in (0, 1)
-    target_params_reduction: Optional[float] = None  #: 1 - params(student)/params(teacher); both may be set
+    #: 1 - MACs(pruned student)/MACs(unpruned student), in (0, 1); the student is the teacher's copy unless
+    #: student.model is set (summary.json's macs_reduction is always against the teacher)
+    target_macs_reduction: Optional[float] = 0.75
+    target_params_reduction: Optional[float] = None  #: the same for parameters; both may be set
     min_keep_ratio: float = 0.1  #: every channel group keeps at least this fraction of channels
 
 
@@ -113,8 +117,11 @@ class PolicyConfig:
     name: str = "dean"  #: dean | fixed | prune_only | ...
     alpha: float = 1.0  #: fixed a_l: per-layer feature-distillation weight
     alpha_out: float = 1.0  #: fixed a_out: logit-distillation weight
-    rho: float = 1.0e-3  #: fixed r_l: ADMM penalty weight
+    rho: float = 0.1  #: fixed r_l: ADMM penalty weight (lr * rho * admm.interval of order 0.1-1, DESIGN.md 2)
     dean_checkpoint: Optional[str] = None  #: start the dean from a trained one
+    a_max: float = 2.0  #: the dean's a_l and a_out lie in [0, a_max]; it starts at alpha, alpha_out inside (0, a_max)
+    r_min: float = 1.0e-4  #: the dean's r_l lie in [r_min, r_max] (log scale); it starts at rho inside (r_min, r_max)
+    r_max: float = 1.0
 
 
 @dataclass
@@ -186,6 +193,7 @@ RANGES = [
     ("data.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("data.num_workers", lambda v: v >= 0, "an integer >= 0"),
     ("data.meta_fraction", lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)"),
+    ("data.val_fraction", lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)"),
     ("data.image_size", lambda v: v >= 8, "an integer >= 8"),
     ("data.num_classes", lambda v: v >= 2, "an integer >= 2"),
     ("data.fake_size", lambda v: v >= 4, "an integer >= 4"),
@@ -214,6 +222,9 @@ RANGES = [
     ("policy.alpha", lambda v: v >= 0, "a number >= 0"),
     ("policy.alpha_out", lambda v: v >= 0, "a number >= 0"),
     ("policy.rho", lambda v: v >= 0, "a number >= 0"),
+    ("policy.a_max", lambda v: v > 0, "a positive number"),
+    ("policy.r_min", lambda v: v > 0, "a positive number"),
+    ("policy.r_max", lambda v: v > 0, "a positive number"),
     ("signals.interval", lambda v: v >= 1, "an integer >= 1"),
     ("signals.ema", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     ("meta.interval", lambda v: v >= 1, "an integer >= 1"),
@@ -341,8 +352,27 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} is out of range: it must be {what}")
     if cfg.prune.target_macs_reduction is None and cfg.prune.target_params_reduction is None:
         raise ConfigError("no pruning budget: set prune.target_macs_reduction and/or prune.target_params_reduction")
+    if cfg.data.meta_fraction + cfg.data.val_fraction >= 1.0:
+        raise ConfigError(f"data.meta_fraction={cfg.data.meta_fraction} and data.val_fraction="
+                          f"{cfg.data.val_fraction} leave no training set: their sum must be below 1")
     if cfg.run.name in ("", ".", "..") or "/" in cfg.run.name:
         raise ConfigError(f"run.name={cfg.run.name!r} must be a plain folder name, without '/'")
+
+
+def check_dean_start(cfg: Config) -> None:
+    """A fresh dean starts at the fixed constants through sigmoids, which reach only the open ranges: refuse a
+    start outside them (clamping it would give another constant, with the sigmoid saturated). Checked when
+    the dean is built: the same constants are free for the fixed-weight policies."""
+    p, learn_rho = cfg.policy, cfg.meta.learn_rho
+    if not p.r_min < p.r_max:
+        raise ConfigError(f"policy.r_min={p.r_min} must be below policy.r_max={p.r_max}: swap or fix them")
+    for key, value in (("alpha", p.alpha), ("alpha_out", p.alpha_out)):
+        if not 0.0 < value < p.a_max:
+            raise ConfigError(f"policy.{key}={value} is outside (0, policy.a_max={p.a_max}), where a fresh dean "
+                              f"can start: pick a value inside or raise policy.a_max")
+    if learn_rho and not p.r_min < p.rho < p.r_max:
+        raise ConfigError(f"policy.rho={p.rho} is outside (policy.r_min={p.r_min}, policy.r_max={p.r_max}), where "
+                          f"a fresh dean can start: pick a value inside or widen the range")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -1,11 +1,15 @@
-"""Datasets and the three splits a run uses: train, meta and test.
+"""Datasets and the four splits a run uses: train, meta, val and test.
 
-- **train**: the training set minus the meta split, with augmentation
+- **train**: the training set minus the meta and val splits, with augmentation
   (random crop and flip for images). The teacher and the student learn on it.
 - **meta**: a held-out slice of the *training* set, ``round(meta_fraction *
   len(train set))`` samples chosen with a fixed seed, disjoint from train and
   seen through the evaluation transform (no augmentation). The dean's meta
   step measures the student on it, so it never trains on these samples.
+- **val**: another held-out slice of the training set, ``round(val_fraction *
+  len(train set))`` samples drawn with the same seed, disjoint from train and
+  meta, with the evaluation transform. Nothing trains on it (not the teacher,
+  not the student, not the dean): settings are chosen on its accuracy.
 - **test**: the official test (or ``val``) set with the evaluation transform;
   only reported, never used for a decision.
 
@@ -63,10 +67,11 @@ _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 @dataclass
 class Splits:
-    """The three datasets of a run; every sample is ``(input, label)``."""
+    """The four datasets of a run; every sample is ``(input, label)``."""
 
     train: Dataset
     meta: Dataset
+    val: Dataset  #: empty when val_fraction is 0
     test: Dataset
     num_classes: int
     input_shape: tuple[int, ...]  #: per-sample input shape, e.g. (1, 40) or (3, 32, 32)
@@ -79,13 +84,13 @@ class Loaders:
     test: DataLoader  #: fixed order
 
 
-def build_splits(name: str, root: str, *, download: bool = False, meta_fraction: float = 0.1, seed: int = 0,
-                 image_size: int = 32, num_classes: int = 10, fake_size: int = 512,
-                 mnist1d: Optional[dict] = None) -> Splits:
-    """Build the train / meta / test splits of dataset ``name`` stored under ``root``.
+def build_splits(name: str, root: str, *, download: bool = False, meta_fraction: float = 0.1,
+                 val_fraction: float = 0.0, seed: int = 0, image_size: int = 32, num_classes: int = 10,
+                 fake_size: int = 512, mnist1d: Optional[dict] = None) -> Splits:
+    """Build the train / meta / val / test splits of dataset ``name`` stored under ``root``.
 
-    ``meta_fraction`` is a fraction (not percent) of the training set, carved
-    out with ``seed``. ``image_size`` (pixels) applies to ``imagenet``,
+    ``meta_fraction`` and ``val_fraction`` are fractions (not percent) of the
+    training set, carved out with ``seed``. ``image_size`` (pixels) applies to ``imagenet``,
     ``folder`` and ``fake``; ``num_classes`` and ``fake_size`` (training
     samples; the test set has a quarter) only to ``fake``; ``mnist1d``
     (options of ``MNIST1D_VARIANTS``, None values ignored) to the MNIST-1D variants.
@@ -106,19 +111,23 @@ def build_splits(name: str, root: str, *, download: bool = False, meta_fraction:
     else:
         raise LISError(f"unknown dataset {name!r}: set data.name to one of {', '.join(NAMES)}")
 
-    train_idx, meta_idx = meta_split(len(train_aug), meta_fraction, seed)
-    return Splits(train=Subset(train_aug, train_idx), meta=Subset(train_eval, meta_idx), test=test,
-                  num_classes=n_classes, input_shape=tuple(test[0][0].shape))
+    train_idx, meta_idx, val_idx = meta_split(len(train_aug), meta_fraction, seed, val_fraction)
+    return Splits(train=Subset(train_aug, train_idx), meta=Subset(train_eval, meta_idx),
+                  val=Subset(train_eval, val_idx), test=test, num_classes=n_classes,
+                  input_shape=tuple(test[0][0].shape))
 
 
-def meta_split(n: int, meta_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Split indices ``0..n-1`` into (train, meta): ``round(meta_fraction * n)`` meta indices drawn with ``seed``.
+def meta_split(n: int, meta_fraction: float, seed: int,
+               val_fraction: float = 0.0) -> tuple[list[int], list[int], list[int]]:
+    """Split indices ``0..n-1`` into (train, meta, val): ``round(meta_fraction * n)`` meta indices and then
+    ``round(val_fraction * n)`` val indices drawn with ``seed``.
 
-    Both lists are sorted and together cover every index exactly once.
+    The lists are sorted and together cover every index exactly once. The meta
+    indices do not depend on ``val_fraction`` (the val split comes out of train).
     """
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_meta = round(meta_fraction * n)
-    return sorted(perm[n_meta:]), sorted(perm[:n_meta])
+    n_meta, n_val = round(meta_fraction * n), round(val_fraction * n)
+    return sorted(perm[n_meta + n_val:]), sorted(perm[:n_meta]), sorted(perm[n_meta:n_meta + n_val])
 
 
 class EpochSampler(Sampler[int]):

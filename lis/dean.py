@@ -14,6 +14,9 @@ cannot overflow into NaN. The output heads start at zero weight with biases
 chosen so that a fresh dean gives exactly the fixed-weight policy's constants
 (``init_alpha``, ``init_alpha_out``, ``init_rho``): the dean starts as the
 baseline it is compared against, and meta-learning moves it away from there.
+Starting values must lie inside the open ranges (0, a_max) and (r_min, r_max),
+where the sigmoid can reach them; ``ValueError`` otherwise (the config refuses
+them first: ``policy.a_max``, ``policy.r_min``, ``policy.r_max``).
 
 With ``learn_rho=False`` r_l stays at ``init_rho`` (the tuned constant of the
 fixed baselines) and the dean only sets the distillation weights: a one-step
@@ -36,7 +39,9 @@ from lis.signals import FEATURES, Signals
 
 
 def _logit(p: float) -> float:
-    p = min(max(p, 1e-4), 1 - 1e-4)
+    if not 0.0 < p < 1.0:
+        # the sigmoid reaches only (0, 1): clamping would start the dean at another constant, saturated
+        raise ValueError(f"a fresh dean's starting value must lie inside its range, got {p:g} of it")
     return math.log(p / (1 - p))
 
 
@@ -47,7 +52,7 @@ class Dean(Policy):
                  init_alpha: float = 1.0, init_alpha_out: float = 1.0, init_rho: float = 1e-3,
                  learn_rho: bool = True):
         super().__init__()
-        self.learn_rho, self.init_rho = learn_rho, min(max(init_rho, r_min), r_max)
+        self.learn_rho, self.init_rho = learn_rho, init_rho
         self.a_max, self.log_r_min, self.log_r_max = a_max, math.log(r_min), math.log(r_max)
         self.body = nn.Sequential(nn.Linear(len(FEATURES), hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
         self.layer_head = nn.Linear(hidden, 2)  # (a_l, r_l) before squashing
@@ -55,10 +60,9 @@ class Dean(Policy):
         with torch.no_grad():
             for head in (self.layer_head, self.out_head):
                 head.weight.zero_()
-            log_rho = math.log(min(max(init_rho, r_min), r_max))
-            self.layer_head.bias.copy_(torch.tensor([
-                _logit(init_alpha / a_max),
-                _logit((log_rho - self.log_r_min) / (self.log_r_max - self.log_r_min))]))
+            # with learn_rho=False the r head is unused and r_l = init_rho as given
+            r_start = (math.log(init_rho) - self.log_r_min) / (self.log_r_max - self.log_r_min) if learn_rho else 0.5
+            self.layer_head.bias.copy_(torch.tensor([_logit(init_alpha / a_max), _logit(r_start)]))
             self.out_head.bias.fill_(_logit(init_alpha_out / a_max))
 
     def forward(self, signals: Signals) -> Weights:

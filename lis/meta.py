@@ -3,9 +3,12 @@
 Every ``meta.interval`` iterations:
 
 1. weights = dean(signals), differentiable in the dean's parameters phi;
-2. ``unroll`` differentiable SGD steps of the student on the KDP loss of a
-   training batch, at the student's current learning rate (plain SGD: no
-   momentum or weight decay in the unroll), giving W'(phi);
+2. ``unroll`` differentiable steps of the student on the KDP loss of the
+   training batch, through the real optimizer's update: SGD at the student's
+   current learning rate with its momentum (starting from copies of the real
+   momentum buffers) and weight decay, giving W'(phi). With the dean's weights
+   held, one unrolled step is the real next step on that batch. The adapters
+   are held fixed in the unroll (they reach W' only from a second step on);
 3. L_meta = CE(W'; meta batch) + beta * sum_l ||W'_l - Z_l||^2 / ||W_l||^2
    on a batch of the held-out meta split (never the test split). With
    ``objective="pruned_ce"`` the CE is that of W' masked to Z's support, i.e.
@@ -45,20 +48,38 @@ Params = Mapping[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Params, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
 
 
-def unroll_higher(student: nn.Module, lr: float, unroll: int, step_loss: LossFn, meta_loss: LossFn) -> torch.Tensor:
+def mirror(student: nn.Module, opt: Optional[torch.optim.Optimizer], lr: float) -> torch.optim.SGD:
+    """An SGD optimizer over ``student``'s parameters at ``lr`` with ``opt``'s momentum, dampening, Nesterov
+    flag and weight decay and a view of its momentum buffers (the real one also holds the adapters, which
+    ``higher`` refuses); plain SGD when ``opt`` is None. The unroll copies the buffers, never writes them."""
+    group = opt.param_groups[0] if opt is not None else {}
+    inner = torch.optim.SGD(student.parameters(), lr=lr, momentum=group.get("momentum", 0.0),
+                            dampening=group.get("dampening", 0.0), weight_decay=group.get("weight_decay", 0.0),
+                            nesterov=group.get("nesterov", False))
+    for p in student.parameters():
+        if opt is not None and opt.state.get(p, {}).get("momentum_buffer") is not None:
+            inner.state[p]["momentum_buffer"] = opt.state[p]["momentum_buffer"]
+    return inner
+
+
+def unroll_higher(student: nn.Module, opt: torch.optim.SGD, unroll: int, step_loss: LossFn,
+                  meta_loss: LossFn) -> torch.Tensor:
     import higher
 
-    inner_opt = torch.optim.SGD(student.parameters(), lr=lr)
-    # copy_initial_weights: the unroll starts from copies, so no gradient reaches the real student
-    with higher.innerloop_ctx(student, inner_opt, copy_initial_weights=True) as (fmodel, diffopt):
+    # copy_initial_weights: the unroll starts from copies, so no gradient reaches the real student; the
+    # differentiable optimizer copies opt's momentum buffers
+    with higher.innerloop_ctx(student, opt, copy_initial_weights=True) as (fmodel, diffopt):
         for _ in range(unroll):
             diffopt.step(step_loss(fmodel, dict(fmodel.named_parameters()), fmodel))
         return meta_loss(fmodel, dict(fmodel.named_parameters()), fmodel)
 
 
-def unroll_func(student: nn.Module, lr: float, unroll: int, step_loss: LossFn, meta_loss: LossFn) -> torch.Tensor:
+def unroll_func(student: nn.Module, opt: torch.optim.SGD, unroll: int, step_loss: LossFn,
+                 meta_loss: LossFn) -> torch.Tensor:
     params = {n: p.detach().requires_grad_() for n, p in student.named_parameters()}
     buffers = {n: b.clone() for n, b in student.named_buffers()}  # BN statistics move on copies only
+    h = opt.param_groups[0]
+    momentum = {n: opt.state[p].get("momentum_buffer") for n, p in student.named_parameters()}
 
     def forward_with(p: Params) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda x: torch.func.functional_call(student, (dict(p), buffers), (x,))
@@ -66,7 +87,16 @@ def unroll_func(student: nn.Module, lr: float, unroll: int, step_loss: LossFn, m
     for _ in range(unroll):
         loss = step_loss(student, params, forward_with(params))
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
-        params = {n: p if g is None else p - lr * g for (n, p), g in zip(params.items(), grads)}
+        for (n, p), g in zip(list(params.items()), grads):
+            if g is None:
+                continue
+            # torch.optim.SGD's update, differentiably
+            g = g + h["weight_decay"] * p
+            if h["momentum"]:
+                buf = momentum[n]
+                momentum[n] = g if buf is None else h["momentum"] * buf + (1 - h["dampening"]) * g
+                g = g + h["momentum"] * momentum[n] if h["nesterov"] else momentum[n]
+            params[n] = p - h["lr"] * g
     return meta_loss(student, params, forward_with(params))
 
 
@@ -108,8 +138,9 @@ class MetaLearner:
 
     def objective(self, student: nn.Module, room: Classroom, admm: ADMMState, signals: Signals,
                   batch: tuple[torch.Tensor, torch.Tensor], meta_batch: tuple[torch.Tensor, torch.Tensor],
-                  lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_meta, its CE part) as a differentiable function of the dean's parameters."""
+                  lr: float, opt: Optional[torch.optim.Optimizer] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_meta, its CE part) as a differentiable function of the dean's parameters; the unroll steps
+        at ``lr`` through ``opt``'s update (``mirror``; None: plain SGD)."""
         x, y = batch
         xm, ym = meta_batch
         w = self.dean(signals)
@@ -134,7 +165,7 @@ class MetaLearner:
 
         buffers = {n: b.clone() for n, b in student.named_buffers()}
         try:
-            loss = self.unroll_fn(student, lr, self.unroll, step_loss, meta_loss)
+            loss = self.unroll_fn(student, mirror(student, opt, lr), self.unroll, step_loss, meta_loss)
         finally:
             with torch.no_grad():
                 for n, b in student.named_buffers():
@@ -147,7 +178,7 @@ class MetaLearner:
         lr = opt.param_groups[0]["lr"]
         if device is not None:
             meta_batch = tuple(t.to(device) for t in meta_batch)
-        loss, ce = self.objective(student, room, admm, signals, batch, meta_batch, lr)
+        loss, ce = self.objective(student, room, admm, signals, batch, meta_batch, lr, opt)
         self.opt.zero_grad(set_to_none=True)
         loss.backward(inputs=list(self.dean.parameters()))
         dist.average_([p.grad for p in self.dean.parameters() if p.grad is not None])  # the same dean everywhere

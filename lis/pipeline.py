@@ -22,7 +22,7 @@ from lis import checkpoint, dist, models
 from lis.admm import ADMMState
 from lis.baselines import EXTERNAL, ONE_SHOT, l1_masks, reinit_, tp_group_norm
 from lis.checkpoint import Checkpointer, on_signals
-from lis.config import Config, load_config, to_dict
+from lis.config import Config, check_dean_start, load_config, to_dict
 from lis.data import MNIST1D_VARIANTS, Loaders, Splits, build_splits, make_loaders
 from lis.groups import ChannelGroup, CostModel, find_groups
 from lis.dean import create_dean
@@ -42,10 +42,11 @@ from lis.teacher import get_teacher, load_teacher, save_teacher, teacher_key, tr
 
 def load_data(cfg: Config) -> tuple[Splits, Loaders]:
     d = cfg.data
-    # the meta split is carved with a fixed seed (docs/design.md section 6): every run and its teacher see the same
-    # training set, whatever run.seed; run.seed orders the batches
-    splits = build_splits(d.name, d.root, download=d.download, meta_fraction=d.meta_fraction, seed=0,
-                          image_size=d.image_size, num_classes=d.num_classes, fake_size=d.fake_size,
+    # the meta and val splits are carved with a fixed seed (docs/design.md section 6): every run and its teacher
+    # see the same training set, whatever run.seed; run.seed orders the batches
+    splits = build_splits(d.name, d.root, download=d.download, meta_fraction=d.meta_fraction,
+                          val_fraction=d.val_fraction, seed=0, image_size=d.image_size, num_classes=d.num_classes,
+                          fake_size=d.fake_size,
                           mnist1d={k: getattr(d, f"mnist1d_{k}") for k in MNIST1D_VARIANTS["mnist1d"]})
     return splits, make_loaders(splits, d.batch_size, d.num_workers, seed=cfg.run.seed, rank=dist.rank(),
                                 world=dist.world(), meta_batch_size=cfg.meta.batch_size)
@@ -71,8 +72,9 @@ def build_policy(cfg: Config) -> Policy:
     """The policy named by ``policy.name``: the dean (starting at the fixed constants) or a fixed preset."""
     p = cfg.policy
     if p.name == "dean":
+        check_dean_start(cfg)
         return create_dean(p.dean_checkpoint, init_alpha=p.alpha, init_alpha_out=p.alpha_out, init_rho=p.rho,
-                           learn_rho=cfg.meta.learn_rho)
+                           learn_rho=cfg.meta.learn_rho, a_max=p.a_max, r_min=p.r_min, r_max=p.r_max)
     return create_policy(p.name, alpha_out=p.alpha_out, alpha=p.alpha, rho=p.rho)
 
 
@@ -244,11 +246,14 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
                                  features=features, feature_loss=cfg.kdp.feature_loss).to(device)
                 small, masks, weights = _recipe(cfg, student, room, groups, admm, policy, loaders, device, example,
                                                 log, ckpt)
+                keep_index = None if masks is None or cfg.policy.name == "scratch" else \
+                    {g.name: masks[g.name].nonzero().flatten() for g in groups}
             else:  # KDP (or the one-shot pruning) is done: continue fine-tuning the pruned student
-                small, masks, weights = resumed["student"].to(device), None, resumed["weights"]
+                small, weights = resumed["student"].to(device), resumed["weights"]
+                keep_index = resumed.get("keep_index")
             # fine-tune the small student with the policy's final weights; adapters start as the kept channels
-            keep_index = None if masks is None or cfg.policy.name == "scratch" else \
-                {g.name: masks[g.name].nonzero().flatten() for g in groups}
+            # (every fine-tuning checkpoint holds them: a resumed run builds the same adapters, full-width ones too)
+            ckpt.context["keep_index"] = keep_index
             small_room = Classroom(teacher, small, layers, teacher_layers, example, cfg.kdp.temperature,
                                    features=features, init_index=keep_index,
                                    feature_loss=cfg.kdp.feature_loss).to(device)
@@ -264,10 +269,11 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
         modules = dict(small.named_modules())
         kept = [modules[g.name].weight.shape[0] for g in groups]
 
-        # the meta split, whole and in order on every process: the accuracy to choose settings on
-        val = evaluate(small, DataLoader(splits.meta, batch_size=cfg.data.batch_size), device)
+        # the val split, whole and in order on every process: the accuracy to choose settings on
+        val_acc = evaluate(small, DataLoader(splits.val, batch_size=cfg.data.batch_size), device)["acc"] \
+            if len(splits.val) else None
         summary = summarize(cfg, teacher, small, splits.input_shape, teacher_acc, metrics["acc"], ckpt.elapsed(),
-                            layers, [g.num_channels for g in groups], kept, val_acc=val["acc"])
+                            layers, [g.num_channels for g in groups], kept, val_acc=val_acc)
         log.log({"phase": "summary", **{k: v for k, v in summary.items() if not isinstance(v, (list, dict))}})
         if not dist.is_main():
             return run_dir

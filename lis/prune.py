@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lis.errors import LISError
 from lis.groups import ChannelGroup, channel_norms, dependency_graph, group_tensors
 
 
@@ -39,10 +40,14 @@ def hard_prune(model: nn.Module, groups: Sequence[ChannelGroup], keep_masks: dic
 
     ``keep_masks[g.name]`` is a bool tensor of shape (g.num_channels,), True
     for the channels to keep; groups missing from it keep everything. The
-    copy's eval-mode outputs equal those of ``model`` after ``mask_``.
+    copy's eval-mode outputs equal those of ``model`` after ``mask_``: checked on a
+    random input of ``example_input``'s shape, ``LISError`` if not (a zeroed channel
+    that does not give a zero activation, e.g. ``BatchNorm(affine=False)`` before a conv).
     """
     pruned = copy.deepcopy(model)
     mask_(pruned, groups, keep_masks)
+    probe = torch.randn(example_input.shape, generator=torch.Generator().manual_seed(0)).to(example_input)
+    expected = _eval_outputs(pruned, probe)
     dg = dependency_graph(pruned, example_input)
     modules = dict(pruned.named_modules())
     for g in groups:
@@ -56,7 +61,22 @@ def hard_prune(model: nn.Module, groups: Sequence[ChannelGroup], keep_masks: dic
         if removed:
             root = modules[g.name]
             dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, removed).prune()
+    got = _eval_outputs(pruned, probe)
+    error = (got - expected).abs().max().item()
+    if not error <= 1e-4 * (1.0 + expected.abs().max().item()):
+        raise LISError(f"the hard prune changed the model's outputs (by up to {error:.3g}): a removed channel does "
+                       f"not give a zero activation (e.g. BatchNorm(affine=False) between the layers), so "
+                       f"removing it is not the same as zeroing it; give such layers affine BatchNorm")
     return pruned
+
+
+@torch.no_grad()
+def _eval_outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = model(x)
+    model.train(was_training)
+    return out
 
 
 def keep_masks_from_norms(model: nn.Module, groups: Sequence[ChannelGroup], keep: dict[str, int]) -> dict[str, torch.Tensor]:

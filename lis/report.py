@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from torch import nn
 
@@ -20,10 +20,11 @@ from lis.measure import count_macs, count_params, latency_ms
 
 def summarize(cfg: Config, teacher: nn.Module, student: nn.Module, input_shape: tuple[int, ...],
               teacher_acc: float, student_acc: float, wall_time_s: float, layer_names: Sequence[str],
-              channels: Sequence[int], kept: Sequence[int], *, val_acc: float) -> dict:
+              channels: Sequence[int], kept: Sequence[int], *, val_acc: Optional[float]) -> dict:
     """The ``summary.json`` of a compress run (docs/design.md section 8), plus ``val_acc``: the pruned student's
-    accuracy on the meta split, which no policy trains the student on, for choosing settings without the
-    test split (the dean's meta-objective does read it, so for the dean it is a little optimistic)."""
+    accuracy on the val split, which nothing trains on (not the teacher, the student or the dean), for
+    choosing settings without the test split; None (null) when ``data.val_fraction`` is 0. Runs written
+    before the val split existed measured ``val_acc`` on the meta split, which the dean reads."""
     t_cpu, s_cpu = copy.deepcopy(teacher).cpu(), copy.deepcopy(student).cpu()
     params = {"teacher": count_params(t_cpu), "student": count_params(s_cpu)}
     macs = {"teacher": count_macs(t_cpu, input_shape), "student": count_macs(s_cpu, input_shape)}
@@ -67,7 +68,8 @@ def write_report(run_dir: Path, summary: dict) -> None:
         "| | teacher | pruned student |",
         "| --- | ---: | ---: |",
         f"| test accuracy | {s['teacher_acc']:.4f} | {s['student_acc']:.4f} |",
-        f"| meta-split accuracy (for choosing settings) | | {s['val_acc']:.4f} |",
+        f"| val-split accuracy (for choosing settings) | | "
+        f"{'no val split' if s['val_acc'] is None else format(s['val_acc'], '.4f')} |",
         f"| parameters | {s['params']['teacher']:,} | {s['params']['student']:,} |",
         f"| MACs per sample | {s['macs']['teacher']:,} | {s['macs']['student']:,} |",
         f"| CPU latency, batch {s['latency_batch_size']} (ms, median) | {s['latency_ms']['teacher']:.2f} | "
@@ -77,7 +79,7 @@ def write_report(run_dir: Path, summary: dict) -> None:
         f"Wall time {s['wall_time_s']:.0f} s.",
         "",
         "Accuracies are on the test split after the last epoch; nothing was selected on the test split. Choose "
-        "settings on the meta-split accuracy.",
+        "settings on the val-split accuracy.",
         "",
         "Figures: `plots/` (distillability, sparsity, ADMM gap, the policy's weights, channels kept).",
         "",

@@ -95,9 +95,14 @@ class Classroom(nn.Module):
             {s: s_maps[s].dim() for s, _ in self.pairs}, init_index)
 
     def lesson(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Lesson:
+               forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, distil: bool = True) -> Lesson:
         """The loss terms of a batch; ``forward`` replaces ``student(x)`` (a meta step's functional
-        call), the feature hooks stay on ``student``'s modules."""
+        call), the feature hooks stay on ``student``'s modules. With ``distil=False`` (no weight distils)
+        the teacher is not run and KD_logit, KD_feat are zeros: no time spent, and no 0 * NaN."""
+        if not distil:
+            logits = (forward or student)(x)
+            return Lesson(logits, F.cross_entropy(logits, y), logits.new_zeros(()),
+                          logits.new_zeros(len(self.layers)))
         teacher = self.teacher[0]
         with torch.no_grad(), FeatureHooks(teacher, [t for _, t in self.pairs]) as t_feats:
             t_logits = teacher(x)
@@ -273,7 +278,7 @@ def kdp(
                 # 2. teacher and student forward (under torchrun: the DDP replica's forward)
                 measure = it % s.signals_interval == 0
                 with dist.no_sync(replica) if measure else nullcontext(), precision.autocast(device):
-                    lesson = room.lesson(student, x, y, forward=replica)
+                    lesson = room.lesson(student, x, y, forward=replica, distil=measure or w.distils())
                     kd = lesson.distillation(w)
                 # 3. backward; on measurement iterations CE and KD separately (distillability)
                 opt.zero_grad(set_to_none=True)
@@ -296,7 +301,9 @@ def kdp(
                 else:
                     (lesson.ce + kd).backward()  # DDP averages the student's gradients
                     _average_grads(room.adapters)
-                # 4. the ADMM pull towards the sparse copy Z, then the SGD step (if all is finite)
+                # 4. the ADMM pull towards the sparse copy Z (U rescaled to this r), then the SGD step (if all is
+                # finite)
+                admm.rescale_duals(w.rho)
                 admm.penalty_grad_(student, w.rho)
                 guard(where, {"the CE loss": (lesson.ce, None), "the KD_logit loss": (lesson.kd_logit, None),
                               "the KD_feat loss": (lesson.kd_feat, layers),
@@ -371,7 +378,7 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
             for x, y in train:
                 x, y = precision.inputs(x, device), y.to(device)
                 with precision.autocast(device):
-                    lesson = room.lesson(student, x, y, forward=replica)
+                    lesson = room.lesson(student, x, y, forward=replica, distil=weights.distils())
                     loss = lesson.ce + lesson.distillation(weights) if weights.distils() else lesson.ce
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # DDP averages the student's gradients

@@ -229,10 +229,10 @@ def test_fake():
 
 @pytest.mark.parametrize("n, fraction", [(100, 0.1), (1437, 0.1), (7, 0.5), (10, 0.0)])
 def test_meta_split(n, fraction):
-    train, meta = meta_split(n, fraction, seed=0)
-    assert len(meta) == round(fraction * n)
+    train, meta, val = meta_split(n, fraction, seed=0)
+    assert len(meta) == round(fraction * n) and val == []
     assert not set(train) & set(meta) and sorted(train + meta) == list(range(n))
-    assert meta_split(n, fraction, seed=0) == (train, meta)
+    assert meta_split(n, fraction, seed=0) == (train, meta, val)
     if 0 < len(meta) < n:
         assert meta_split(n, fraction, seed=1)[1] != meta
 
@@ -252,7 +252,7 @@ def test_meta_split_through_build_splits():
 
 def _index_splits(n=100):
     ds = TensorDataset(torch.arange(n))
-    return Splits(train=ds, meta=ds, test=ds, num_classes=2, input_shape=())
+    return Splits(train=ds, meta=ds, val=ds, test=ds, num_classes=2, input_shape=())
 
 
 def test_make_loaders_seeded_order():

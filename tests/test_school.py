@@ -50,10 +50,10 @@ def test_compress_writes_a_pruned_student_that_meets_the_budget(dirs, policy):
     assert reduction == pytest.approx(summary["macs_reduction"])
     assert count_params(student) == summary["params"]["student"] < count_params(teacher)
     assert evaluate(student, loaders.test, torch.device("cpu"))["acc"] == pytest.approx(summary["student_acc"])
-    # the accuracy to choose settings on: the whole meta split, counted by hand
+    # the accuracy to choose settings on: the whole val split, counted by hand
     with torch.no_grad():
-        correct = sum(int(student(x.unsqueeze(0)).argmax(1).item() == y) for x, y in splits.meta)
-    assert summary["val_acc"] == pytest.approx(correct / len(splits.meta))
+        correct = sum(int(student(x.unsqueeze(0)).argmax(1).item() == y) for x, y in splits.val)
+    assert summary["val_acc"] == pytest.approx(correct / len(splits.val))
 
     # the per-layer series, for every policy
     names = [r for r in records if "layer_names" in r]
