@@ -117,7 +117,7 @@ class PolicyConfig:
     name: str = "dean"  #: dean | fixed | prune_only | ...
     alpha: float = 1.0  #: fixed a_l: per-layer feature-distillation weight
     alpha_out: float = 1.0  #: fixed a_out: logit-distillation weight
-    rho: float = 0.1  #: fixed r_l: ADMM penalty weight (lr * rho * admm.interval of order 0.1-1, DESIGN.md 2)
+    rho: float = 0.1  #: fixed r_l: ADMM penalty weight (lr * rho * admm.interval of order 0.1-1, docs/design.md 2)
     dean_checkpoint: Optional[str] = None  #: start the dean from a trained one
     a_max: float = 2.0  #: the dean's a_l and a_out lie in [0, a_max]; it starts at alpha, alpha_out inside (0, a_max)
     r_min: float = 1.0e-4  #: the dean's r_l lie in [r_min, r_max] (log scale); it starts at rho inside (r_min, r_max)
