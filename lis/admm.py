@@ -174,8 +174,11 @@ class ADMMState:
         return torch.stack(out)
 
     def keep_ratio(self) -> torch.Tensor:
-        """Per-group target keep ratio k_l / n_l."""
-        return torch.tensor([self.keep[g.name] / g.num_channels for g in self.groups])
+        """Per-group target keep ratio k_l / n_l, on the device of Z."""
+        return torch.tensor([self.keep[g.name] / g.num_channels for g in self.groups], device=self._device())
+
+    def _device(self) -> torch.device:
+        return next(iter(self.U.values())).device
 
     def state_dict(self) -> dict:
         """A snapshot (copies) of Z, U, the masks and the keep counts."""
@@ -183,5 +186,7 @@ class ADMMState:
         return {"Z": clone(self.Z), "U": clone(self.U), "masks": clone(self.masks), "keep": dict(self.keep)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.Z, self.U = dict(state["Z"]), dict(state["U"])
-        self.masks, self.keep = dict(state["masks"]), dict(state["keep"])
+        """Continue from ``state_dict()``, onto this state's device (a checkpoint is loaded on the CPU)."""
+        move = lambda d: {k: v.to(self._device()) for k, v in d.items()}  # noqa: E731
+        self.Z, self.U, self.masks = move(state["Z"]), move(state["U"]), move(state["masks"])
+        self.keep = dict(state["keep"])

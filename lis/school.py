@@ -65,9 +65,7 @@ class Lesson:
     kd_feat: torch.Tensor
 
     def distillation(self, w: Weights) -> torch.Tensor:
-        # a fixed policy's weights live on the CPU; the loss terms live where the model does
-        device = self.kd_feat.device
-        return w.alpha_out.to(device) * self.kd_logit + (w.alpha.to(device) * self.kd_feat).sum()
+        return w.alpha_out * self.kd_logit + (w.alpha * self.kd_feat).sum()
 
 
 class Classroom(nn.Module):
@@ -234,7 +232,7 @@ def kdp(
     opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     total = max(s.epochs * len(train), 1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    tracker = SignalTracker(len(groups), s.ema)
+    tracker = SignalTracker(len(groups), s.ema, device=device)
     metrics, it, n_meta, first_epoch, first_batch = {}, 0, 0, 0, 0
 
     def state(epoch: int, batch: int) -> dict:
@@ -249,7 +247,7 @@ def kdp(
     else:
         student.load_state_dict(resumed["student"])
         admm.load_state_dict(resumed["admm"])
-        tracker.current = resumed["signals"]
+        tracker.current = resumed["signals"] and resumed["signals"].to(device)
         policy.load_state_dict(resumed["policy"])
         if meta_step is not None:
             meta_step.load_state_dict(resumed["meta"])
@@ -289,8 +287,7 @@ def kdp(
                         distillability=distillability([_grad_rows(g_kd, g) for g in groups],
                                                       [_grad_rows(g_ce, g) for g in groups]),
                         sparsity=sparsity(student, groups), admm_gap=admm.gap(student),
-                        keep_ratio=admm.keep_ratio(), progress=it / total,
-                        ce=losses[0].item(), kd=losses[1].item()))
+                        keep_ratio=admm.keep_ratio(), progress=it / total, ce=losses[0], kd=losses[1]))
                     for n, p in zip(names, params):
                         p.grad = g_ce[n] + g_kd[n] if w.distils() else g_ce[n]
                 else:
@@ -300,9 +297,8 @@ def kdp(
                 admm.penalty_grad_(student, w.rho)
                 guard(where, {"the CE loss": (lesson.ce, None), "the KD_logit loss": (lesson.kd_logit, None),
                               "the KD_feat loss": (lesson.kd_feat, layers),
-                              "the dean's alpha_out": (w.alpha_out.to(device), None),
-                              "the dean's alpha": (w.alpha.to(device), layers),
-                              "the dean's rho": (w.rho.to(device), layers), **_grad_checks(named)})
+                              "the dean's alpha_out": (w.alpha_out, None), "the dean's alpha": (w.alpha, layers),
+                              "the dean's rho": (w.rho, layers), **_grad_checks(named)})
                 opt.step()
                 sched.step()
                 it += 1
@@ -346,6 +342,7 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
     from them and passes the state in as ``resumed``.
     """
     ckpt = ckpt or Checkpointer.disabled()
+    weights = weights.to(device)  # a resumed checkpoint's are on the CPU
     named = list(student.named_parameters()) + [(f"adapters.{n}", p) for n, p in room.adapters.named_parameters()]
     opt = torch.optim.SGD([p for _, p in named], lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * len(train), 1))

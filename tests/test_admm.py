@@ -416,3 +416,17 @@ def test_planned_budget_holds_on_the_physically_pruned_model(name, shape):
     pruned = hard_prune(model, groups, state.masks, example)
     reduction = 1 - count_macs(pruned, shape) / count_macs(model, shape)
     assert 0.5 <= reduction <= 0.52, reduction
+
+
+def test_a_state_restored_from_a_cpu_checkpoint_lives_on_its_models_device():
+    """A GPU run resumes from a checkpoint loaded on the CPU: Z, U, the masks and the keep ratios must go back to
+    the device the state was built on. The ``meta`` device stands in for the GPU (mixing it with the CPU raises,
+    as CUDA does)."""
+    model, _, groups = tiny()
+    state = ADMMState(model, groups, LinearCost(), budgets={"macs": 0.4}, min_keep_ratio=0.25)
+    saved = state.state_dict()  # on the CPU, as checkpoint.load gives it
+    state.U = {n: u.to("meta") for n, u in state.U.items()}  # the state as a run on another device built it
+    state.load_state_dict(saved)
+    for part in (state.Z, state.U, state.masks):
+        assert {t.device.type for t in part.values()} == {"meta"}
+    assert state.keep_ratio().device.type == "meta" and state.keep == saved["keep"]

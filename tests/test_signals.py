@@ -18,7 +18,7 @@ def test_cosine_against_numpy():
     na, nb = a.numpy().ravel().astype(np.float64), b.numpy().astype(np.float64)
     assert cosine(a, b) == pytest.approx(float(na @ nb / np.linalg.norm(na) / np.linalg.norm(nb)), rel=1e-12)
     assert cosine(a, 3 * a) == pytest.approx(1.0) and cosine(a, -a) == pytest.approx(-1.0)
-    assert isinstance(cosine(a, b), float)
+    assert cosine(a, b).dtype == torch.float64 and cosine(a, b).dim() == 0  # a tensor: no host sync
 
 
 def test_cosine_of_a_zero_vector_is_zero():
@@ -130,3 +130,38 @@ def test_features_matrix():
     assert one.shape == (1, 8) and float(one[0, 4]) == 0.0
     assert sig.as_lists() == {"distillability": sig.distillability.tolist(), "sparsity": [0.0, 0.5, 0.25, 1.0],
                               "admm_gap": sig.admm_gap.tolist(), "keep_ratio": [1.0, 0.5, 0.5, 0.25]}
+
+
+def test_signals_policies_and_the_deans_inputs_stay_on_the_models_device():
+    """What the KDP loop builds at a measurement iteration, with the model on another device than the CPU (the
+    ``meta`` device stands in for a GPU: mixing it with CPU tensors raises, as CUDA does). Every signal, the
+    dean's features and every policy's weights must live on the model's device."""
+    from lis.admm import ADMMState
+    from lis.dean import Dean
+    from lis.policy import fixed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 3))
+    groups = find_groups(model, torch.randn(1, 2, 8, 8))
+    admm = ADMMState(model, groups, type("Cost", (), {"macs": lambda self, keep: sum(keep.values())})(),
+                     {"macs": 0.3})
+    model.to("meta")
+    admm.U = {n: u.to("meta") for n, u in admm.U.items()}
+    admm.load_state_dict(admm.state_dict())
+    grads = [torch.randn(g.num_channels, 5, device="meta") for g in groups]
+    tracker = SignalTracker(len(groups), device="meta")
+    before = tracker.state()
+    for _ in range(2):  # the first measurement is taken as is, the second is mixed in
+        tracker.update(Signals(distillability(grads, grads), sparsity(model, groups), admm.gap(model),
+                               admm.keep_ratio(), 0.5, torch.tensor(2.0, device="meta"),
+                               torch.tensor(1.0, device="meta")))
+    for signals in (before, tracker.state()):
+        assert signals.features().device.type == "meta"
+        for policy in (fixed(1.0, 1.0, 1e-3), Dean().to("meta")):
+            w = policy(signals)
+            assert {t.device.type for t in (w.alpha_out, w.alpha, w.rho)} == {"meta"}
+    # a checkpoint's signals (loaded on the CPU) go back to the model's device
+    z = torch.zeros(2)
+    resumed = Signals(z, z, z, z, 0.5, torch.tensor(2.0), 1.0).to("meta")
+    assert {t.device.type for t in (resumed.distillability, resumed.keep_ratio, resumed.ce)} == {"meta"}
+    assert (resumed.progress, resumed.kd) == (0.5, 1.0)
