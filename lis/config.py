@@ -36,7 +36,7 @@ class RunConfig:
     device: str = "auto"  #: ``auto`` (cuda when present), ``cpu``, ``cuda``, ``cuda:N``
     amp: str = "off"  #: ``bf16``: forward passes under bfloat16 autocast (GPU speed); ``off``: float32
     channels_last: bool = False  #: channels_last memory layout for 2-D conv nets (GPU speed)
-    sync_bn: bool = False  #: under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
+    sync_bn: bool = False  #: under torchrun on GPUs: BatchNorm statistics over the global batch; not with the dean
 
 
 @dataclass
@@ -324,6 +324,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} is out of range: it must be {what}")
     if cfg.prune.target_macs_reduction is None and cfg.prune.target_params_reduction is None:
         raise ConfigError("no pruning budget: set prune.target_macs_reduction and/or prune.target_params_reduction")
+    if cfg.run.sync_bn and cfg.policy.name == "dean":
+        raise ConfigError("run.sync_bn=true cannot run the dean (its meta step differentiates through BatchNorm's "
+                          "backward, which SyncBatchNorm has no derivative of): set run.sync_bn=false")
     if cfg.run.name in ("", ".", "..") or "/" in cfg.run.name:
         raise ConfigError(f"run.name={cfg.run.name!r} must be a plain folder name, without '/'")
 
