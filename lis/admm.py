@@ -128,6 +128,7 @@ class ADMMState:
         self.Z: dict[str, torch.Tensor] = {}
         self.masks: dict[str, torch.Tensor] = {}
         self.keep: dict[str, int] = {}
+        self._pull: tuple = (None, None)  # (Z and U it was laid out from, the layout): see _pull_layout
         self.project(model)
 
     @torch.no_grad()
@@ -153,16 +154,35 @@ class ADMMState:
 
     @torch.no_grad()
     def penalty_grad_(self, model: nn.Module, rho: torch.Tensor) -> None:
-        """Add d penalty / dW = rho_l (W_l - Z_l + U_l) to the ``.grad`` of every group tensor."""
-        for r, g in zip(rho.tolist(), self.groups):
-            offset = 0
-            diff = self.Z[g.name] - self.U[g.name]  # W - (Z - U), sliced per tensor below
-            for t, d in group_tensors(model, g):
-                width = rows(t, d).shape[1]
-                step = r * (rows(t, d) - diff[:, offset:offset + width])
-                step = step.reshape(t.movedim(d, 0).shape).movedim(0, d)
-                t.grad = step if t.grad is None else t.grad.add_(step)
-                offset += width
+        """Add d penalty / dW = rho_l (W_l - Z_l + U_l) to the ``.grad`` of every group tensor.
+
+        A few multi-tensor (``torch._foreach_*``) operations for all tensors, no host sync: Z - U is laid
+        out in the tensors' own shapes once per Z- or U-step."""
+        tensors, targets, group_of = self._pull_layout(model)
+        steps = torch._foreach_sub(tensors, targets)
+        torch._foreach_mul_(steps, list(rho[group_of].unbind()))
+        for t in tensors:
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+        torch._foreach_add_([t.grad for t in tensors], steps)
+
+    def _pull_layout(self, model: nn.Module) -> tuple[list, list, torch.Tensor]:
+        """(every group tensor of ``model``, Z_l - U_l sliced and shaped like it, its group's index), rebuilt
+        when Z or U has changed (replaced or modified in place) since it was laid out."""
+        key = tuple((id(t), t._version) for part in (self.Z, self.U) for t in part.values())
+        if self._pull[0] != key:
+            tensors, targets, group_of = [], [], []
+            for i, g in enumerate(self.groups):
+                offset, diff = 0, self.Z[g.name] - self.U[g.name]
+                for t, d in group_tensors(model, g):
+                    width = rows(t, d).shape[1]
+                    target = diff[:, offset:offset + width].reshape(t.movedim(d, 0).shape).movedim(0, d)
+                    tensors.append(t)
+                    targets.append(torch.empty_like(t).copy_(target))  # in t's memory layout
+                    group_of.append(i)
+                    offset += width
+            self._pull = (key, (tensors, targets, torch.tensor(group_of, device=diff.device)))
+        return self._pull[1]
 
     @torch.no_grad()
     def gap(self, model: nn.Module) -> torch.Tensor:

@@ -156,7 +156,17 @@ def guard(where: str, checks: Checks) -> None:
 
 def _grad_checks(named: Sequence[tuple[str, nn.Parameter]]) -> Checks:
     with_grad = [(n, p.grad) for n, p in named if p.grad is not None]
-    return {"the gradient": (torch.stack([g.norm() for _, g in with_grad]), [n for n, _ in with_grad])}
+    return {"the gradient": (torch.stack(torch._foreach_norm([g for _, g in with_grad])), [n for n, _ in with_grad])}
+
+
+def _to_host(values: dict[str, torch.Tensor]) -> dict:
+    """Tensors as numbers (0-dim) or lists, in one copy to the host (one sync) for a log record."""
+    flat = torch.cat([v.detach().reshape(-1).float() for v in values.values()]).tolist()
+    out, offset = {}, 0
+    for key, v in values.items():
+        out[key] = flat[offset] if v.dim() == 0 else flat[offset:offset + v.numel()]
+        offset += v.numel()
+    return out
 
 
 def _average_grads(module: nn.Module) -> None:
@@ -229,7 +239,7 @@ def kdp(
     named = list(student.named_parameters()) + [(f"adapters.{n}", p) for n, p in room.adapters.named_parameters()]
     names, params = [n for n, _ in named], [p for _, p in named]
     layers = [g.name for g in groups]
-    opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, foreach=True)
     total = max(s.epochs * len(train), 1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     tracker = SignalTracker(len(groups), s.ema, device=device)
@@ -277,7 +287,8 @@ def kdp(
                 opt.zero_grad(set_to_none=True)
                 if measure:
                     # a policy that does not distil still gets a distillability curve, with unit weights
-                    kd_signal = kd if w.distils() else lesson.kd_logit + lesson.kd_feat.sum()
+                    distils = w.distils()
+                    kd_signal = kd if distils else lesson.kd_logit + lesson.kd_feat.sum()
                     g_ce = dict(zip(names, torch.autograd.grad(lesson.ce, params, retain_graph=True,
                                                                materialize_grads=True)))
                     g_kd = dict(zip(names, torch.autograd.grad(kd_signal, params, materialize_grads=True)))
@@ -289,7 +300,7 @@ def kdp(
                         sparsity=sparsity(student, groups), admm_gap=admm.gap(student),
                         keep_ratio=admm.keep_ratio(), progress=it / total, ce=losses[0], kd=losses[1]))
                     for n, p in zip(names, params):
-                        p.grad = g_ce[n] + g_kd[n] if w.distils() else g_ce[n]
+                        p.grad = g_ce[n] + g_kd[n] if distils else g_ce[n]
                 else:
                     (lesson.ce + kd).backward()  # DDP averages the student's gradients
                     _average_grads(room.adapters)
@@ -307,20 +318,21 @@ def kdp(
                 if it % s.admm_interval == 0:
                     admm.project(student)
                     admm.update_duals(student)
-                    guard(where, {"ADMM Z": (torch.stack([z.norm() for z in admm.Z.values()]), list(admm.Z)),
-                                  "ADMM U": (torch.stack([u.norm() for u in admm.U.values()]), list(admm.U))})
+                    guard(where, {"ADMM Z": (torch.stack(torch._foreach_norm(list(admm.Z.values()))), list(admm.Z)),
+                                  "ADMM U": (torch.stack(torch._foreach_norm(list(admm.U.values()))), list(admm.U))})
                 # 6. the dean's meta step
                 meta = {}
                 if meta_step is not None and it % s.meta_interval == 0:
-                    meta = meta_step(student, opt, room, admm, tracker.state(), (x, y), next(meta_iter), device)
+                    with precision.autocast(device):  # the unroll in the same precision as the real step
+                        meta = meta_step(student, opt, room, admm, tracker.state(), (x, y), next(meta_iter), device)
                     n_meta += 1
                     guard(where, {"the dean's meta loss": (torch.tensor(meta["meta_loss"]), None)})
                 # 7. the per-layer series
                 if measure or meta:
                     signals = tracker.state()
                     log({"phase": "kdp", "iter": it, "epoch": epoch, "lr": sched.get_last_lr()[0],
-                         "ce": lesson.ce.item(), "kd": kd.item(), "alpha_out": w.alpha_out.item(),
-                         **signals.as_lists(), "alpha": w.alpha.tolist(), "rho": w.rho.tolist(), **meta})
+                         **_to_host({"ce": lesson.ce, "kd": kd, "alpha_out": w.alpha_out, **signals.per_layer(),
+                                     "alpha": w.alpha, "rho": w.rho}), **meta})
                 ckpt.step(it, lambda: state(epoch, batch))
             metrics = evaluate(student, test, device)
             log({"phase": "kdp", "iter": it, "epoch": epoch + 1, "test_acc": metrics["acc"],
@@ -344,7 +356,7 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
     ckpt = ckpt or Checkpointer.disabled()
     weights = weights.to(device)  # a resumed checkpoint's are on the CPU
     named = list(student.named_parameters()) + [(f"adapters.{n}", p) for n, p in room.adapters.named_parameters()]
-    opt = torch.optim.SGD([p for _, p in named], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = torch.optim.SGD([p for _, p in named], lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * len(train), 1))
     it, first_epoch, first_batch = 0, 0, 0
 
@@ -352,6 +364,7 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
         return {**_snapshot("finetune", it, epoch, batch, lr, metrics, room, opt, sched), "student": student,
                 "weights": weights}
 
+    distils = weights.distils()  # decided once: the weights are fixed
     if resumed is None:
         metrics = evaluate(student, test, device)
         ckpt.save(state(0, 0))
@@ -369,7 +382,7 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
                 x, y = precision.inputs(x, device), y.to(device)
                 with precision.autocast(device):
                     lesson = room.lesson(student, x, y, forward=replica)
-                    loss = lesson.ce + lesson.distillation(weights) if weights.distils() else lesson.ce
+                    loss = lesson.ce + lesson.distillation(weights) if distils else lesson.ce
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # DDP averages the student's gradients
                 _average_grads(room.adapters)

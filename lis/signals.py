@@ -86,9 +86,10 @@ class Signals:
         move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
         return Signals(*(move(getattr(self, f.name)) for f in fields(self)))
 
-    def as_lists(self) -> dict:
-        return {"distillability": self.distillability.tolist(), "sparsity": self.sparsity.tolist(),
-                "admm_gap": self.admm_gap.tolist(), "keep_ratio": self.keep_ratio.tolist()}
+    def per_layer(self) -> dict[str, torch.Tensor]:
+        """The (L,) signals by name (what the loop logs)."""
+        return {"distillability": self.distillability, "sparsity": self.sparsity, "admm_gap": self.admm_gap,
+                "keep_ratio": self.keep_ratio}
 
 
 @dataclass

@@ -128,11 +128,13 @@ def test_features_matrix():
     torch.testing.assert_close(f[:, 7], torch.full((4,), math.log(0.5)))
     one = make([0.1], [0.0], [0.5], [1.0], 0.0, 1.0, 1.0).features()
     assert one.shape == (1, 8) and float(one[0, 4]) == 0.0
-    assert sig.as_lists() == {"distillability": sig.distillability.tolist(), "sparsity": [0.0, 0.5, 0.25, 1.0],
-                              "admm_gap": sig.admm_gap.tolist(), "keep_ratio": [1.0, 0.5, 0.5, 0.25]}
+    lists = {k: v.tolist() for k, v in sig.per_layer().items()}
+    assert lists == {"distillability": sig.distillability.tolist(), "sparsity": [0.0, 0.5, 0.25, 1.0],
+                     "admm_gap": sig.admm_gap.tolist(), "keep_ratio": [1.0, 0.5, 0.5, 0.25]}
 
 
-def test_signals_policies_and_the_deans_inputs_stay_on_the_models_device():
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_signals_policies_and_the_deans_inputs_stay_on_the_models_device(device):
     """What the KDP loop builds at a measurement iteration, with the model on another device than the CPU (the
     ``meta`` device stands in for a GPU: mixing it with CPU tensors raises, as CUDA does). Every signal, the
     dean's features and every policy's weights must live on the model's device."""
@@ -145,23 +147,24 @@ def test_signals_policies_and_the_deans_inputs_stay_on_the_models_device():
     groups = find_groups(model, torch.randn(1, 2, 8, 8))
     admm = ADMMState(model, groups, type("Cost", (), {"macs": lambda self, keep: sum(keep.values())})(),
                      {"macs": 0.3})
-    model.to("meta")
-    admm.U = {n: u.to("meta") for n, u in admm.U.items()}
+    model.to(device)
+    admm.U = {n: u.to(device) for n, u in admm.U.items()}
     admm.load_state_dict(admm.state_dict())
-    grads = [torch.randn(g.num_channels, 5, device="meta") for g in groups]
-    tracker = SignalTracker(len(groups), device="meta")
+    grads = [torch.randn(g.num_channels, 5, device=device) for g in groups]
+    tracker = SignalTracker(len(groups), device=device)
     before = tracker.state()
     for _ in range(2):  # the first measurement is taken as is, the second is mixed in
         tracker.update(Signals(distillability(grads, grads), sparsity(model, groups), admm.gap(model),
-                               admm.keep_ratio(), 0.5, torch.tensor(2.0, device="meta"),
-                               torch.tensor(1.0, device="meta")))
+                               admm.keep_ratio(), 0.5, torch.tensor(2.0, device=device),
+                               torch.tensor(1.0, device=device)))
     for signals in (before, tracker.state()):
-        assert signals.features().device.type == "meta"
-        for policy in (fixed(1.0, 1.0, 1e-3), Dean().to("meta")):
+        assert signals.features().device.type == torch.device(device).type
+        for policy in (fixed(1.0, 1.0, 1e-3), Dean().to(device)):
             w = policy(signals)
-            assert {t.device.type for t in (w.alpha_out, w.alpha, w.rho)} == {"meta"}
+            assert {t.device.type for t in (w.alpha_out, w.alpha, w.rho)} == {torch.device(device).type}
     # a checkpoint's signals (loaded on the CPU) go back to the model's device
     z = torch.zeros(2)
-    resumed = Signals(z, z, z, z, 0.5, torch.tensor(2.0), 1.0).to("meta")
-    assert {t.device.type for t in (resumed.distillability, resumed.keep_ratio, resumed.ce)} == {"meta"}
+    resumed = Signals(z, z, z, z, 0.5, torch.tensor(2.0), 1.0).to(device)
+    assert {t.device.type for t in (resumed.distillability, resumed.keep_ratio, resumed.ce)} == {
+        torch.device(device).type}
     assert (resumed.progress, resumed.kd) == (0.5, 1.0)
