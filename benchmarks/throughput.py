@@ -197,7 +197,9 @@ def parse_args(argv: list[str] | None = None, cfg: Config = Config()) -> argpars
     parser.add_argument("--iters", type=int, default=2 * cfg.meta.interval,
                         help="timed iterations per loop, best a multiple of meta.interval "
                              "(default: 2 x meta.interval = %(default)s)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations before them (default: 5)")
+    parser.add_argument("--warmup", type=int, default=cfg.meta.interval + 1,
+                        help="untimed iterations before them, past the first meta step so that the timed ones do "
+                             "not pay its one-time costs (default: meta.interval + 1 = %(default)s)")
     parser.add_argument("--batch", type=int, default=None,
                         help="the batch of every model (default: 128 for resnet56, 64 for resnet50)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),

@@ -132,6 +132,7 @@ class ADMMState:
         self.masks: dict[str, torch.Tensor] = {}
         self.keep: dict[str, int] = {}
         self.rho: Optional[torch.Tensor] = None  #: the r_l that U is scaled by (None: not set yet)
+        self._pull: tuple = (None, None)  # (Z and U it was laid out from, the layout): see _pull_layout
         self.project(model)
 
     @torch.no_grad()
@@ -153,12 +154,14 @@ class ADMMState:
     @torch.no_grad()
     def rescale_duals(self, rho: torch.Tensor) -> None:
         """Scale U to the policy's new r_l: U_l <- U_l * r_old / r_new, keeping y_l = r_l U_l. The first call
-        only records r; a layer whose old or new r_l is 0 (no ADMM pull, y_l = 0) keeps its U."""
-        rho = rho.detach().cpu().double()
+        only records r; a layer whose old or new r_l is 0 (no ADMM pull, y_l = 0) keeps its U. On the device,
+        without a host sync."""
+        rho = rho.detach().to(self._device(), torch.float64)
         if self.rho is not None:
-            for old, new, g in zip(self.rho.tolist(), rho.tolist(), self.groups):
-                if old != new and old > 0 and new > 0:
-                    self.U[g.name] *= old / new
+            old = self.rho
+            factor = torch.where((old > 0) & (rho > 0), old / rho.where(rho > 0, 1.0), 1.0)
+            for f, g in zip(factor, self.groups):
+                self.U[g.name].mul_(f.to(self.U[g.name].dtype))
         self.rho = rho
 
     def penalty(self, params: Mapping[str, torch.Tensor], rho: torch.Tensor) -> torch.Tensor:
@@ -168,16 +171,35 @@ class ADMMState:
 
     @torch.no_grad()
     def penalty_grad_(self, model: nn.Module, rho: torch.Tensor) -> None:
-        """Add d penalty / dW = rho_l (W_l - Z_l + U_l) to the ``.grad`` of every group tensor."""
-        for r, g in zip(rho.tolist(), self.groups):
-            offset = 0
-            diff = self.Z[g.name] - self.U[g.name]  # W - (Z - U), sliced per tensor below
-            for t, d in group_tensors(model, g):
-                width = rows(t, d).shape[1]
-                step = r * (rows(t, d) - diff[:, offset:offset + width])
-                step = step.reshape(t.movedim(d, 0).shape).movedim(0, d)
-                t.grad = step if t.grad is None else t.grad.add_(step)
-                offset += width
+        """Add d penalty / dW = rho_l (W_l - Z_l + U_l) to the ``.grad`` of every group tensor.
+
+        A few multi-tensor (``torch._foreach_*``) operations for all tensors, no host sync: Z - U is laid
+        out in the tensors' own shapes once per Z- or U-step."""
+        tensors, targets, group_of = self._pull_layout(model)
+        steps = torch._foreach_sub(tensors, targets)
+        torch._foreach_mul_(steps, list(rho[group_of].unbind()))
+        for t in tensors:
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+        torch._foreach_add_([t.grad for t in tensors], steps)
+
+    def _pull_layout(self, model: nn.Module) -> tuple[list, list, torch.Tensor]:
+        """(every group tensor of ``model``, Z_l - U_l sliced and shaped like it, its group's index), rebuilt
+        when Z or U has changed (replaced or modified in place) since it was laid out."""
+        key = tuple((id(t), t._version) for part in (self.Z, self.U) for t in part.values())
+        if self._pull[0] != key:
+            tensors, targets, group_of = [], [], []
+            for i, g in enumerate(self.groups):
+                offset, diff = 0, self.Z[g.name] - self.U[g.name]
+                for t, d in group_tensors(model, g):
+                    width = rows(t, d).shape[1]
+                    target = diff[:, offset:offset + width].reshape(t.movedim(d, 0).shape).movedim(0, d)
+                    tensors.append(t)
+                    targets.append(torch.empty_like(t).copy_(target))  # in t's memory layout
+                    group_of.append(i)
+                    offset += width
+            self._pull = (key, (tensors, targets, torch.tensor(group_of, device=diff.device)))
+        return self._pull[1]
 
     @torch.no_grad()
     def gap(self, model: nn.Module) -> torch.Tensor:
@@ -189,8 +211,11 @@ class ADMMState:
         return torch.stack(out)
 
     def keep_ratio(self) -> torch.Tensor:
-        """Per-group target keep ratio k_l / n_l."""
-        return torch.tensor([self.keep[g.name] / g.num_channels for g in self.groups])
+        """Per-group target keep ratio k_l / n_l, on the device of Z."""
+        return torch.tensor([self.keep[g.name] / g.num_channels for g in self.groups], device=self._device())
+
+    def _device(self) -> torch.device:
+        return next(iter(self.U.values())).device
 
     def state_dict(self) -> dict:
         """A snapshot (copies) of Z, U, the masks and the keep counts."""
@@ -199,6 +224,9 @@ class ADMMState:
                 "rho": self.rho}
 
     def load_state_dict(self, state: dict) -> None:
-        self.Z, self.U = dict(state["Z"]), dict(state["U"])
-        self.masks, self.keep = dict(state["masks"]), dict(state["keep"])
-        self.rho = state.get("rho")
+        """Continue from ``state_dict()``, onto this state's device (a checkpoint is loaded on the CPU)."""
+        move = lambda d: {k: v.to(self._device()) for k, v in d.items()}  # noqa: E731
+        self.Z, self.U, self.masks = move(state["Z"]), move(state["U"]), move(state["masks"])
+        self.keep = dict(state["keep"])
+        rho = state.get("rho")
+        self.rho = None if rho is None else rho.to(self._device())

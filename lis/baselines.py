@@ -28,6 +28,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lis import dist
 from lis.admm import ADMMState, plan_keep
 from lis.errors import LISError
 from lis.groups import ChannelGroup, group_tensors
@@ -92,6 +93,7 @@ def tp_group_norm(model: nn.Module, example: torch.Tensor, budgets: dict[str, fl
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
+            dist.average_([p.grad for p in model.parameters() if p.grad is not None])  # one model under torchrun
             sparse.regularize(model)
             opt.step()
             sched.step()

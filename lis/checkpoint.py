@@ -5,8 +5,8 @@ of every epoch and every ``checkpoint.every_iters`` iterations of the KDP and
 fine-tuning phases. It holds what the phase hands over (student, adapters,
 both optimizers and schedulers, ADMM Z and U, the dean, the EMA signal
 state, the position in the data order) plus, added here, every RNG state
-(python, numpy, torch, CUDA) and the length of ``metrics.jsonl`` at that
-moment. ``atomic_save`` writes a temporary file and renames it, so the
+(python, numpy, torch, this process's GPU) and the length of
+``metrics.jsonl`` at that moment. ``atomic_save`` writes a temporary file and renames it, so the
 previous checkpoint stays whole until the new one is complete, and a kill
 -9 at any point leaves one good checkpoint.
 
@@ -41,7 +41,9 @@ FILE = "checkpoint.pt"
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's own GPU only: a run may resume on fewer GPUs, and under torchrun process 0 writes the
+        # checkpoint for all (every process is seeded alike and draws alike, so their states are the same)
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -50,7 +52,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])  # onto this process's current GPU
 
 
 def load(run_dir: Path) -> Optional[dict]:

@@ -36,7 +36,7 @@ class RunConfig:
     device: str = "auto"  #: ``auto`` (cuda when present), ``cpu``, ``cuda``, ``cuda:N``
     amp: str = "off"  #: ``bf16``: forward passes under bfloat16 autocast (GPU speed); ``off``: float32
     channels_last: bool = False  #: channels_last memory layout for 2-D conv nets (GPU speed)
-    sync_bn: bool = False  #: under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
+    sync_bn: bool = False  #: under torchrun on GPUs: BatchNorm statistics over the global batch; not with the dean
 
 
 @dataclass
@@ -355,6 +355,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.meta_fraction + cfg.data.val_fraction >= 1.0:
         raise ConfigError(f"data.meta_fraction={cfg.data.meta_fraction} and data.val_fraction="
                           f"{cfg.data.val_fraction} leave no training set: their sum must be below 1")
+    if cfg.run.sync_bn and cfg.policy.name == "dean":
+        raise ConfigError("run.sync_bn=true cannot run the dean (its meta step differentiates through BatchNorm's "
+                          "backward, which SyncBatchNorm has no derivative of): set run.sync_bn=false")
     if cfg.run.name in ("", ".", "..") or "/" in cfg.run.name:
         raise ConfigError(f"run.name={cfg.run.name!r} must be a plain folder name, without '/'")
 

@@ -1,8 +1,8 @@
 """Several processes, one run: ``torchrun --nproc_per_node=N -m lis compress CONFIG``.
 
 torchrun starts N copies of the command with ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK`` set; ``init`` joins them into one process group (nccl on GPU,
-gloo on CPU). Every process holds the teacher, a student wrapped in
+``LOCAL_RANK`` set; ``init`` joins them into one process group (gloo for CPU
+tensors, nccl for GPU ones). Every process holds the teacher, a student wrapped in
 ``DistributedDataParallel`` and the dean, and sees its own slice of each
 global batch (``lis.data.EpochSampler``); gradients are averaged so every
 process takes the same step, and the ADMM state, the signals and the dean
@@ -44,11 +44,16 @@ def init() -> None:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # a backend per device: run.device=cpu on a GPU host still all-reduces CPU tensors
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
 
 
 def device(name: str) -> str:
-    """This process's device for ``run.device``: under torchrun ``cuda`` and ``auto`` mean its own GPU."""
+    """This process's device for ``run.device``: under torchrun ``cuda`` and ``auto`` mean its own GPU, and a
+    GPU index is refused (every process would use that one GPU while DDP uses the process's own)."""
+    if world() > 1 and name.startswith("cuda:"):
+        raise LISError(f"run.device={name} under torchrun: each process uses its own GPU (LOCAL_RANK); "
+                       f"set run.device=cuda and choose the GPUs with CUDA_VISIBLE_DEVICES")
     if world() > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{torch.cuda.current_device()}"
     return name
@@ -72,7 +77,7 @@ def any_(flag: bool) -> bool:
     """True on every process if ``flag`` is true on any (so that all stop at the same iteration)."""
     if world() == 1:
         return flag
-    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([float(flag)])  # a CPU tensor: gloo, whatever the run's device
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

@@ -149,12 +149,12 @@ def _recipe(cfg: Config, student: nn.Module, room: Classroom, groups: list[Chann
         small = hard_prune(student, groups, masks, example)
         if name == "scratch":
             reinit_(small)
-        return small, masks, policy(SignalTracker(len(groups)).state()).detached()
+        return small, masks, policy(SignalTracker(len(groups), device=device).state()).detached()
     if name in EXTERNAL:
         # its own training loop, without checkpoints: a resumed run starts it again
         small = tp_group_norm(copy.deepcopy(student), example, budgets(cfg), loaders.train, device,
                               epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
-        return small, None, policy(SignalTracker(len(groups)).state()).detached()
+        return small, None, policy(SignalTracker(len(groups), device=device).state()).detached()
     settings = KDPSettings(epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
                            admm_interval=cfg.admm.interval, signals_interval=cfg.signals.interval,
                            ema=cfg.signals.ema, meta_interval=cfg.meta.interval, precision=precision(cfg))

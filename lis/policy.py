@@ -31,6 +31,9 @@ class Weights:
     def detached(self) -> "Weights":
         return Weights(self.alpha_out.detach(), self.alpha.detach(), self.rho.detach())
 
+    def to(self, device: torch.device) -> "Weights":
+        return Weights(self.alpha_out.to(device), self.alpha.to(device), self.rho.to(device))
+
     def distils(self) -> bool:
         """Whether any distillation weight is non-zero (a teacher is used at all)."""
         return bool(self.alpha_out.detach() > 0 or (self.alpha.detach() > 0).any())
@@ -51,8 +54,9 @@ class FixedPolicy(Policy):
         self.alpha_out, self.alpha, self.rho = float(alpha_out), float(alpha), float(rho)
 
     def forward(self, signals: Signals) -> Weights:
-        n = len(signals.distillability)
-        return Weights(torch.tensor(self.alpha_out), torch.full((n,), self.alpha), torch.full((n,), self.rho))
+        n, device = len(signals.distillability), signals.distillability.device
+        return Weights(torch.tensor(self.alpha_out, device=device), torch.full((n,), self.alpha, device=device),
+                       torch.full((n,), self.rho, device=device))
 
 
 def fixed(alpha_out: float, alpha: float, rho: float) -> FixedPolicy:

@@ -65,9 +65,7 @@ class Lesson:
     kd_feat: torch.Tensor
 
     def distillation(self, w: Weights) -> torch.Tensor:
-        # a fixed policy's weights live on the CPU; the loss terms live where the model does
-        device = self.kd_feat.device
-        return w.alpha_out.to(device) * self.kd_logit + (w.alpha.to(device) * self.kd_feat).sum()
+        return w.alpha_out * self.kd_logit + (w.alpha * self.kd_feat).sum()
 
 
 class Classroom(nn.Module):
@@ -163,7 +161,17 @@ def guard(where: str, checks: Checks) -> None:
 
 def _grad_checks(named: Sequence[tuple[str, nn.Parameter]]) -> Checks:
     with_grad = [(n, p.grad) for n, p in named if p.grad is not None]
-    return {"the gradient": (torch.stack([g.norm() for _, g in with_grad]), [n for n, _ in with_grad])}
+    return {"the gradient": (torch.stack(torch._foreach_norm([g for _, g in with_grad])), [n for n, _ in with_grad])}
+
+
+def _to_host(values: dict[str, torch.Tensor]) -> dict:
+    """Tensors as numbers (0-dim) or lists, in one copy to the host (one sync) for a log record."""
+    flat = torch.cat([v.detach().reshape(-1).float() for v in values.values()]).tolist()
+    out, offset = {}, 0
+    for key, v in values.items():
+        out[key] = flat[offset] if v.dim() == 0 else flat[offset:offset + v.numel()]
+        offset += v.numel()
+    return out
 
 
 def _average_grads(module: nn.Module) -> None:
@@ -236,10 +244,10 @@ def kdp(
     named = list(student.named_parameters()) + [(f"adapters.{n}", p) for n, p in room.adapters.named_parameters()]
     names, params = [n for n, _ in named], [p for _, p in named]
     layers = [g.name for g in groups]
-    opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, foreach=True)
     total = max(s.epochs * len(train), 1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    tracker = SignalTracker(len(groups), s.ema)
+    tracker = SignalTracker(len(groups), s.ema, device=device)
     metrics, it, n_meta, first_epoch, first_batch = {}, 0, 0, 0, 0
 
     def state(epoch: int, batch: int) -> dict:
@@ -254,12 +262,13 @@ def kdp(
     else:
         student.load_state_dict(resumed["student"])
         admm.load_state_dict(resumed["admm"])
-        tracker.current = resumed["signals"]
+        tracker.current = resumed["signals"] and resumed["signals"].to(device)
         policy.load_state_dict(resumed["policy"])
         if meta_step is not None:
             meta_step.load_state_dict(resumed["meta"])
         n_meta = resumed["meta_batches"]
         metrics, it, first_epoch, first_batch = _restore(resumed, s.lr, room, opt, sched)
+    rescale = getattr(policy, "learn_rho", False)  # only a dean that learns r_l changes it
     meta_iter = batches_from(meta_batches, n_meta) if meta_step is not None else None
     precision = s.precision
     precision.prepare(student, room.teacher[0])
@@ -276,15 +285,15 @@ def kdp(
                 # 1. the policy reads the smoothed state
                 w = policy(tracker.state()).detached()
                 # 2. teacher and student forward (under torchrun: the DDP replica's forward)
-                measure = it % s.signals_interval == 0
+                measure, distils = it % s.signals_interval == 0, w.distils()  # decided once per iteration
                 with dist.no_sync(replica) if measure else nullcontext(), precision.autocast(device):
-                    lesson = room.lesson(student, x, y, forward=replica, distil=measure or w.distils())
+                    lesson = room.lesson(student, x, y, forward=replica, distil=measure or distils)
                     kd = lesson.distillation(w)
                 # 3. backward; on measurement iterations CE and KD separately (distillability)
                 opt.zero_grad(set_to_none=True)
                 if measure:
                     # a policy that does not distil still gets a distillability curve, with unit weights
-                    kd_signal = kd if w.distils() else lesson.kd_logit + lesson.kd_feat.sum()
+                    kd_signal = kd if distils else lesson.kd_logit + lesson.kd_feat.sum()
                     g_ce = dict(zip(names, torch.autograd.grad(lesson.ce, params, retain_graph=True,
                                                                materialize_grads=True)))
                     g_kd = dict(zip(names, torch.autograd.grad(kd_signal, params, materialize_grads=True)))
@@ -294,22 +303,21 @@ def kdp(
                         distillability=distillability([_grad_rows(g_kd, g) for g in groups],
                                                       [_grad_rows(g_ce, g) for g in groups]),
                         sparsity=sparsity(student, groups), admm_gap=admm.gap(student),
-                        keep_ratio=admm.keep_ratio(), progress=it / total,
-                        ce=losses[0].item(), kd=losses[1].item()))
+                        keep_ratio=admm.keep_ratio(), progress=it / total, ce=losses[0], kd=losses[1]))
                     for n, p in zip(names, params):
-                        p.grad = g_ce[n] + g_kd[n] if w.distils() else g_ce[n]
+                        p.grad = g_ce[n] + g_kd[n] if distils else g_ce[n]
                 else:
                     (lesson.ce + kd).backward()  # DDP averages the student's gradients
                     _average_grads(room.adapters)
                 # 4. the ADMM pull towards the sparse copy Z (U rescaled to this r), then the SGD step (if all is
                 # finite)
-                admm.rescale_duals(w.rho)
+                if rescale:  # r_l can change: keep the unscaled dual r_l U_l
+                    admm.rescale_duals(w.rho)
                 admm.penalty_grad_(student, w.rho)
                 guard(where, {"the CE loss": (lesson.ce, None), "the KD_logit loss": (lesson.kd_logit, None),
                               "the KD_feat loss": (lesson.kd_feat, layers),
-                              "the dean's alpha_out": (w.alpha_out.to(device), None),
-                              "the dean's alpha": (w.alpha.to(device), layers),
-                              "the dean's rho": (w.rho.to(device), layers), **_grad_checks(named)})
+                              "the dean's alpha_out": (w.alpha_out, None), "the dean's alpha": (w.alpha, layers),
+                              "the dean's rho": (w.rho, layers), **_grad_checks(named)})
                 opt.step()
                 sched.step()
                 it += 1
@@ -318,20 +326,21 @@ def kdp(
                 if it % s.admm_interval == 0:
                     admm.project(student)
                     admm.update_duals(student)
-                    guard(where, {"ADMM Z": (torch.stack([z.norm() for z in admm.Z.values()]), list(admm.Z)),
-                                  "ADMM U": (torch.stack([u.norm() for u in admm.U.values()]), list(admm.U))})
+                    guard(where, {"ADMM Z": (torch.stack(torch._foreach_norm(list(admm.Z.values()))), list(admm.Z)),
+                                  "ADMM U": (torch.stack(torch._foreach_norm(list(admm.U.values()))), list(admm.U))})
                 # 6. the dean's meta step
                 meta = {}
                 if meta_step is not None and it % s.meta_interval == 0:
-                    meta = meta_step(student, opt, room, admm, tracker.state(), (x, y), next(meta_iter), device)
+                    with precision.autocast(device):  # the unroll in the same precision as the real step
+                        meta = meta_step(student, opt, room, admm, tracker.state(), (x, y), next(meta_iter), device)
                     n_meta += 1
                     guard(where, {"the dean's meta loss": (torch.tensor(meta["meta_loss"]), None)})
                 # 7. the per-layer series
                 if measure or meta:
                     signals = tracker.state()
                     log({"phase": "kdp", "iter": it, "epoch": epoch, "lr": sched.get_last_lr()[0],
-                         "ce": lesson.ce.item(), "kd": kd.item(), "alpha_out": w.alpha_out.item(),
-                         **signals.as_lists(), "alpha": w.alpha.tolist(), "rho": w.rho.tolist(), **meta})
+                         **_to_host({"ce": lesson.ce, "kd": kd, "alpha_out": w.alpha_out, **signals.per_layer(),
+                                     "alpha": w.alpha, "rho": w.rho}), **meta})
                 ckpt.step(it, lambda: state(epoch, batch))
             metrics = evaluate(student, test, device)
             log({"phase": "kdp", "iter": it, "epoch": epoch + 1, "test_acc": metrics["acc"],
@@ -353,8 +362,9 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
     from them and passes the state in as ``resumed``.
     """
     ckpt = ckpt or Checkpointer.disabled()
+    weights = weights.to(device)  # a resumed checkpoint's are on the CPU
     named = list(student.named_parameters()) + [(f"adapters.{n}", p) for n, p in room.adapters.named_parameters()]
-    opt = torch.optim.SGD([p for _, p in named], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = torch.optim.SGD([p for _, p in named], lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * len(train), 1))
     it, first_epoch, first_batch = 0, 0, 0
 
@@ -362,6 +372,7 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
         return {**_snapshot("finetune", it, epoch, batch, lr, metrics, room, opt, sched), "student": student,
                 "weights": weights}
 
+    distils = weights.distils()  # decided once: the weights are fixed
     if resumed is None:
         metrics = evaluate(student, test, device)
         ckpt.save(state(0, 0))
@@ -378,8 +389,8 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
             for x, y in train:
                 x, y = precision.inputs(x, device), y.to(device)
                 with precision.autocast(device):
-                    lesson = room.lesson(student, x, y, forward=replica, distil=weights.distils())
-                    loss = lesson.ce + lesson.distillation(weights) if weights.distils() else lesson.ce
+                    lesson = room.lesson(student, x, y, forward=replica, distil=distils)
+                    loss = lesson.ce + lesson.distillation(weights) if distils else lesson.ce
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # DDP averages the student's gradients
                 _average_grads(room.adapters)

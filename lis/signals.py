@@ -24,8 +24,7 @@ backward is paid.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional, Sequence
 
 import torch
@@ -36,18 +35,18 @@ from lis.groups import ChannelGroup, channel_norms
 FEATURES = ("distillability", "sparsity", "admm_gap", "keep_ratio", "depth", "progress", "log_ce", "log_kd")
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> float:
-    """cos(a, b) of two flattened tensors; 0 when either is (numerically) zero."""
+def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """cos(a, b) of two flattened tensors, a float64 scalar on their device (no host sync); 0 when either is
+    (numerically) zero."""
     a, b = a.flatten().double(), b.flatten().double()
     na, nb = a.norm(), b.norm()
-    if na <= eps or nb <= eps:
-        return 0.0
-    return float((a @ b) / (na * nb))
+    return torch.where((na > eps) & (nb > eps), (a @ b) / (na * nb).clamp_min(eps * eps), 0.0)
 
 
 def distillability(grad_kd: Sequence[torch.Tensor], grad_ce: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-layer cosine of the two gradients, each given as one tensor (e.g. group rows) per layer."""
-    return torch.tensor([cosine(k, c) for k, c in zip(grad_kd, grad_ce)], dtype=torch.float32)
+    """Per-layer cosine of the two gradients, each given as one tensor (e.g. group rows) per layer; float32,
+    on the gradients' device."""
+    return torch.stack([cosine(k, c) for k, c in zip(grad_kd, grad_ce)]).float()
 
 
 @torch.no_grad()
@@ -62,39 +61,48 @@ def sparsity(model: nn.Module, groups: Sequence[ChannelGroup], eps: float = 0.05
 
 @dataclass
 class Signals:
-    """The dean's state: per-layer tensors of shape (L,) and shared scalars."""
+    """The dean's state: per-layer tensors of shape (L,) and shared scalars, all on the model's device (the
+    loss levels ``ce`` and ``kd`` may be 0-dim tensors there, so measuring them needs no host sync)."""
 
     distillability: torch.Tensor
     sparsity: torch.Tensor
     admm_gap: torch.Tensor
     keep_ratio: torch.Tensor
     progress: float = 0.0
-    ce: float = 1.0
-    kd: float = 1.0
+    ce: torch.Tensor | float = 1.0
+    kd: torch.Tensor | float = 1.0
 
     def features(self) -> torch.Tensor:
-        """(L, len(FEATURES)) float32 matrix in the order of ``FEATURES``."""
-        n = len(self.distillability)
-        depth = torch.arange(n, dtype=torch.float32) / max(n - 1, 1)
-        shared = torch.tensor([self.progress, math.log(self.ce + 1e-8), math.log(self.kd + 1e-8)])
+        """(L, len(FEATURES)) float32 matrix in the order of ``FEATURES``, on the device of the signals."""
+        n, device = len(self.distillability), self.distillability.device
+        depth = torch.arange(n, dtype=torch.float32, device=device) / max(n - 1, 1)
+        losses = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in (self.ce, self.kd)])
+        shared = torch.cat([torch.full((1,), float(self.progress), device=device), (losses + 1e-8).log()])
         per_layer = torch.stack([self.distillability, self.sparsity, self.admm_gap, self.keep_ratio, depth], 1)
         return torch.cat([per_layer.float(), shared.expand(n, 3)], 1)
 
-    def as_lists(self) -> dict:
-        return {"distillability": self.distillability.tolist(), "sparsity": self.sparsity.tolist(),
-                "admm_gap": self.admm_gap.tolist(), "keep_ratio": self.keep_ratio.tolist()}
+    def to(self, device: torch.device) -> "Signals":
+        """The same signals on ``device`` (a checkpoint's are loaded on the CPU)."""
+        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return Signals(*(move(getattr(self, f.name)) for f in fields(self)))
+
+    def per_layer(self) -> dict[str, torch.Tensor]:
+        """The (L,) signals by name (what the loop logs)."""
+        return {"distillability": self.distillability, "sparsity": self.sparsity, "admm_gap": self.admm_gap,
+                "keep_ratio": self.keep_ratio}
 
 
 @dataclass
 class SignalTracker:
     """Exponential moving average of measured signals: ``s = ema * s + (1 - ema) * new``.
 
-    The first measurement is taken as is.
+    The first measurement is taken as is. ``device``: where the neutral state before it lives (the model's).
     """
 
     num_layers: int
     ema: float = 0.9
     current: Optional[Signals] = field(default=None)
+    device: torch.device | str = "cpu"
 
     def update(self, new: Signals) -> Signals:
         if self.current is None:
@@ -116,6 +124,6 @@ class SignalTracker:
     def state(self) -> Signals:
         """The smoothed signals (neutral zeros before the first measurement)."""
         if self.current is None:
-            z = torch.zeros(self.num_layers)
-            return Signals(z, z.clone(), z.clone(), torch.ones(self.num_layers))
+            z = torch.zeros(self.num_layers, device=self.device)
+            return Signals(z, z.clone(), z.clone(), torch.ones(self.num_layers, device=self.device))
         return self.current

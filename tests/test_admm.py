@@ -416,3 +416,38 @@ def test_planned_budget_holds_on_the_physically_pruned_model(name, shape):
     pruned = hard_prune(model, groups, state.masks, example)
     reduction = 1 - count_macs(pruned, shape) / count_macs(model, shape)
     assert 0.5 <= reduction <= 0.52, reduction
+
+
+def test_a_state_restored_from_a_cpu_checkpoint_lives_on_its_models_device():
+    """A GPU run resumes from a checkpoint loaded on the CPU: Z, U, the masks and the keep ratios must go back to
+    the device the state was built on. The ``meta`` device stands in for the GPU (mixing it with the CPU raises,
+    as CUDA does)."""
+    model, _, groups = tiny()
+    state = ADMMState(model, groups, LinearCost(), budgets={"macs": 0.4}, min_keep_ratio=0.25)
+    saved = state.state_dict()  # on the CPU, as checkpoint.load gives it
+    state.U = {n: u.to("meta") for n, u in state.U.items()}  # the state as a run on another device built it
+    state.load_state_dict(saved)
+    for part in (state.Z, state.U, state.masks):
+        assert {t.device.type for t in part.values()} == {"meta"}
+    assert state.keep_ratio().device.type == "meta" and state.keep == saved["keep"]
+
+
+def test_penalty_grad_follows_z_and_u_when_they_change():
+    """The pull is laid out once per Z/U step: after a Z-step, a U-step, or U changed in place, it must be that
+    of the new Z and U (autograd of the penalty)."""
+    model, groups, state = moved_state()
+    rho = torch.tensor([0.7, 1.5])
+    for change in (lambda: state.project(model), lambda: state.update_duals(model),
+                   lambda: state.U["conv1"].mul_(0.5)):
+        for p in model.parameters():
+            p.grad = None
+        state.penalty_grad_(model, rho)
+        change()
+        params = dict(model.named_parameters())
+        auto = torch.autograd.grad(state.penalty(params, rho), list(params.values()), allow_unused=True)
+        for p in model.parameters():
+            p.grad = None
+        state.penalty_grad_(model, rho)
+        for (n, p), a in zip(params.items(), auto):
+            if a is not None:
+                torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-6, msg=n)

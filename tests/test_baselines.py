@@ -143,3 +143,39 @@ def test_scratch_fine_tunes_a_reinitialised_student_and_l1_prune_the_pruned_one(
         assert all(not torch.equal(pruned[k], start[k]) for k in weights)
     else:
         assert all(torch.equal(pruned[k], start[k]) for k in pruned)
+
+
+def _tp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    from lis import dist
+    from lis.baselines import tp_group_norm
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init()
+    torch.manual_seed(0)  # one model
+    model = lis.models.create("mnist1d_cnn", 4)
+    gen = torch.Generator().manual_seed(100 + rank)  # each process its own shard of the data
+    data = torch.utils.data.TensorDataset(torch.randn(64, 1, 40, generator=gen),
+                                          torch.randint(0, 4, (64,), generator=gen))
+    small = tp_group_norm(model, torch.zeros(2, 1, 40), {"macs": 0.5}, torch.utils.data.DataLoader(data, 16),
+                          torch.device("cpu"), epochs=2, lr=0.1, momentum=0.9, weight_decay=5e-4, reg=1e-2)
+    torch.save({k: v for k, v in small.state_dict().items() if "running" not in k}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_tp_group_norm_under_torchrun_gives_every_process_the_same_pruned_student(tmp_path):
+    """Two CPU processes (gloo) that see different data: their gradients are averaged, so they prune to one
+    architecture with the same weights (BatchNorm running statistics stay per process, as in KDP)."""
+    import torch.multiprocessing as mp
+
+    from test_distributed import _free_port
+
+    mp.spawn(_tp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert {k: v.shape for k, v in ranks[0].items()} == {k: v.shape for k, v in ranks[1].items()}
+    for key, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][key]), key

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 def test_overhead_quick_prints_a_ratio_per_model(repo):
     out = subprocess.run([sys.executable, "benchmarks/overhead.py", "--quick", "--models", "mnist1d_cnn",
@@ -33,3 +35,19 @@ def test_throughput_tiny_cpu_run_prints_the_ratios(repo):
     assert re.fullmatch(r"resnet56: dean/fixed x\d+\.\d\d, fixed/plain x\d+\.\d\d", lines[-2]), lines[-2]
     assert re.fullmatch(r"target: dean >= 0\.6x .*: not judged, no meta step was timed \(worst x\d+\.\d\d, "
                         r"resnet56\)", lines[-1]), lines[-1]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_goes_through_every_step_on_the_cpu(repo, tmp_path):
+    """benchmarks/gpu_check.sh with GPU_CHECK_DRY_RUN=1: its compress runs (fixed, dean, bf16), resume and
+    benchmarks run on the CPU at a tiny budget and their numbers reach the report."""
+    out = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=repo, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "GPU_CHECK_DRY_RUN": "1", "OUT": str(tmp_path), "PYTHON": sys.executable,
+                              "OMP_NUM_THREADS": "1", "CI": "1"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = (tmp_path / "gpu_check.txt").read_text()
+    for name in ("fixed-fp32", "fixed-bf16", "dean-fp32", "dean-bf16"):
+        assert re.search(rf"compress {name}: \d+ s, .*'student_acc'", report), report
+    assert re.search(r"resume: .*resumed from kdp iteration \d+.*'student_acc'", report), report
+    assert "target fixed: ordinary iteration" in report and "fixed/plain x" in report
+    assert report.rstrip().endswith("gpu_check done")

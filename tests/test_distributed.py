@@ -15,8 +15,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import lis
-from lis import pipeline
+from lis import dist, pipeline
 from lis.config import load_config
+from lis.errors import LISError
 from lis.models import register_model
 from lis.models.small import SmallCNN
 
@@ -107,3 +108,23 @@ def test_two_processes_give_one_run_that_equals_a_single_process_with_the_same_g
     summaries = [json.loads((tmp_path / "runs" / n / "summary.json").read_text()) for n in ("single", "ddp")]
     assert summaries[0]["student_acc"] == pytest.approx(summaries[1]["student_acc"], abs=0.003)
     assert summaries[0]["macs"] == summaries[1]["macs"]
+
+
+def test_torchrun_on_a_gpu_host_joins_with_a_backend_per_device_and_refuses_a_gpu_index(monkeypatch):
+    """On a GPU host, run.device=cpu must still all-reduce its CPU tensors (gloo; nccl takes only GPU ones),
+    and run.device=cuda:N would send every process to GPU N while DDP uses each process's own. CUDA and the
+    process group are faked: only the calls are recorded."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.append(("init", backend)))
+    dist.init()
+    assert calls == [("set_device", 1), ("init", "cpu:gloo,cuda:nccl")]
+
+    monkeypatch.setattr(dist, "world", lambda: 2)
+    with pytest.raises(LISError, match=r"run.device=cuda:1 under torchrun: each process uses its own GPU"):
+        dist.device("cuda:1")
+    assert dist.device("cpu") == "cpu"

@@ -65,6 +65,7 @@ FIXES = {
     "dean-corrupt": "point policy.dean_checkpoint at the dean.pt of a dean run",
     "cuda-unavailable": "use run.device=cpu or auto",
     "sync-bn-on-cpu": "set run.sync_bn=false",
+    "sync-bn-with-dean": "set run.sync_bn=false",
     "run-exists": "continue it with 'lis compress --resume runs/earlier'",
     "resume-not-a-run": "give the directory of a 'lis compress' run",
     "resume-finished": "start a new run instead",

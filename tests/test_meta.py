@@ -169,3 +169,21 @@ def test_pruned_ce_is_the_ce_of_the_student_with_the_dropped_channels_zeroed_by_
                 params[name].index_fill_(dim, dropped, 0.0)
         expected = nn.functional.cross_entropy(masked(meta_batch[0]), meta_batch[1])
     torch.testing.assert_close(ce, expected)
+
+
+@pytest.mark.parametrize("backend", ["higher", "func"])
+def test_the_meta_step_runs_under_bf16_autocast_close_to_float32(backend):
+    """run.amp=bf16 runs the meta step's unroll under the real step's autocast: the unroll (``higher``'s
+    included) must differentiate through bfloat16 operators, and the meta-gradient stay close to float32's."""
+    grads = {}
+    for amp in (False, True):
+        student, room, admm, dean, signals, batch, meta_batch = setup(dtype=torch.float32)
+        learner = MetaLearner(dean, lr=1e-3, beta=0.7, backend=backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss, _ = learner.objective(student, room, admm, signals, batch, meta_batch, lr=0.5)
+            g = torch.autograd.grad(loss, list(dean.parameters()))
+        grads[amp] = (loss.detach(), torch.cat([t.flatten().float() for t in g]))
+    (l32, g32), (l16, g16) = grads[False], grads[True]
+    assert torch.isfinite(g16).all() and not torch.equal(l16, l32)  # bf16 operators ran
+    assert float(l16) == pytest.approx(float(l32), rel=0.05)
+    assert float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)) > 0.9

@@ -18,7 +18,7 @@ def test_cosine_against_numpy():
     na, nb = a.numpy().ravel().astype(np.float64), b.numpy().astype(np.float64)
     assert cosine(a, b) == pytest.approx(float(na @ nb / np.linalg.norm(na) / np.linalg.norm(nb)), rel=1e-12)
     assert cosine(a, 3 * a) == pytest.approx(1.0) and cosine(a, -a) == pytest.approx(-1.0)
-    assert isinstance(cosine(a, b), float)
+    assert cosine(a, b).dtype == torch.float64 and cosine(a, b).dim() == 0  # a tensor: no host sync
 
 
 def test_cosine_of_a_zero_vector_is_zero():
@@ -128,5 +128,43 @@ def test_features_matrix():
     torch.testing.assert_close(f[:, 7], torch.full((4,), math.log(0.5)))
     one = make([0.1], [0.0], [0.5], [1.0], 0.0, 1.0, 1.0).features()
     assert one.shape == (1, 8) and float(one[0, 4]) == 0.0
-    assert sig.as_lists() == {"distillability": sig.distillability.tolist(), "sparsity": [0.0, 0.5, 0.25, 1.0],
-                              "admm_gap": sig.admm_gap.tolist(), "keep_ratio": [1.0, 0.5, 0.5, 0.25]}
+    lists = {k: v.tolist() for k, v in sig.per_layer().items()}
+    assert lists == {"distillability": sig.distillability.tolist(), "sparsity": [0.0, 0.5, 0.25, 1.0],
+                     "admm_gap": sig.admm_gap.tolist(), "keep_ratio": [1.0, 0.5, 0.5, 0.25]}
+
+
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_signals_policies_and_the_deans_inputs_stay_on_the_models_device(device):
+    """What the KDP loop builds at a measurement iteration, with the model on another device than the CPU (the
+    ``meta`` device stands in for a GPU: mixing it with CPU tensors raises, as CUDA does). Every signal, the
+    dean's features and every policy's weights must live on the model's device."""
+    from lis.admm import ADMMState
+    from lis.dean import Dean
+    from lis.policy import fixed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 3))
+    groups = find_groups(model, torch.randn(1, 2, 8, 8))
+    admm = ADMMState(model, groups, type("Cost", (), {"macs": lambda self, keep: sum(keep.values())})(),
+                     {"macs": 0.3})
+    model.to(device)
+    admm.U = {n: u.to(device) for n, u in admm.U.items()}
+    admm.load_state_dict(admm.state_dict())
+    grads = [torch.randn(g.num_channels, 5, device=device) for g in groups]
+    tracker = SignalTracker(len(groups), device=device)
+    before = tracker.state()
+    for _ in range(2):  # the first measurement is taken as is, the second is mixed in
+        tracker.update(Signals(distillability(grads, grads), sparsity(model, groups), admm.gap(model),
+                               admm.keep_ratio(), 0.5, torch.tensor(2.0, device=device),
+                               torch.tensor(1.0, device=device)))
+    for signals in (before, tracker.state()):
+        assert signals.features().device.type == torch.device(device).type
+        for policy in (fixed(1.0, 1.0, 1e-3), Dean().to(device)):
+            w = policy(signals)
+            assert {t.device.type for t in (w.alpha_out, w.alpha, w.rho)} == {torch.device(device).type}
+    # a checkpoint's signals (loaded on the CPU) go back to the model's device
+    z = torch.zeros(2)
+    resumed = Signals(z, z, z, z, 0.5, torch.tensor(2.0), 1.0).to(device)
+    assert {t.device.type for t in (resumed.distillability, resumed.keep_ratio, resumed.ce)} == {
+        torch.device(device).type}
+    assert (resumed.progress, resumed.kd) == (0.5, 1.0)
