@@ -123,3 +123,39 @@ def test_a_given_teacher_is_used_as_it_is_and_the_run_resumes_from_python(tmp_pa
 def test_own_data_needs_all_four():
     with pytest.raises(LISError, match="all four of teacher=, train=, meta= and test="):
         lis.compress(teacher=Net(), train=loaders()[0])
+
+
+BUILDERS = '''
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+def net(num_classes):
+    return nn.Sequential(nn.Conv1d(1, 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), nn.Conv1d(8, 8, 3, padding=1),
+                         nn.BatchNorm1d(8), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+
+def steps(root):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 1, 16, generator=g)
+    y = (x[:, 0, :8].mean(1) > x[:, 0, 8:].mean(1)).long()
+    return TensorDataset(x[:200], y[:200]), TensorDataset(x[200:], y[200:])
+'''
+
+
+def test_model_and_data_builders_on_the_command_line(tmp_path, monkeypatch):
+    """model.name and data.name as pkg.module:build_fn import the user's builders from the working directory
+    and run the whole method; the teacher cache key stays a plain file name."""
+    from lis.cli import main
+
+    (tmp_path / "mine.py").write_text(BUILDERS)
+    (tmp_path / "mine.yaml").write_text("prune: {target_macs_reduction: 0.5}\n")
+    monkeypatch.chdir(tmp_path)
+    code = main(["compress", "mine.yaml", "model.name=mine:net", "data.name=mine:steps", "data.num_classes=2", "data.batch_size=20",
+                 "policy.name=fixed", "run.name=built", *TINY])
+    assert code == 0
+    summary = json.loads((tmp_path / "runs" / "built" / "summary.json").read_text())
+    assert summary["model"] == "mine:net" and summary["data"] == "mine:steps"
+    assert summary["params"]["student"] < summary["params"]["teacher"]
+    assert [p.name for p in (tmp_path / "runs" / "teachers").glob("*.pt")][0].startswith("mine-net-mine-steps-")
