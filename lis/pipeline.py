@@ -118,10 +118,13 @@ def resume_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def _stored_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
-    """``run_dir/config.yaml`` with ``overrides``, its run.dir and run.name where the directory is now (a
-    comparison's runs are named ``<comparison>/<run>``)."""
-    return load_config(run_dir / "config.yaml",
-                       [f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", *overrides])
+    """``run_dir/config.yaml`` with ``overrides``; its run.dir and run.name stay if they still name
+    ``run_dir`` (a comparison's runs are ``<comparison>/<run>`` in the comparison's run.dir, where the teacher
+    cache is), else they become where the directory is now."""
+    stored = load_config(run_dir / "config.yaml")
+    if (Path(stored.run.dir) / stored.run.name).resolve() != run_dir.resolve():
+        overrides = [f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", *overrides]
+    return load_config(run_dir / "config.yaml", overrides)
 
 
 def _changes(run_dir: Path, cfg: Config) -> dict[str, tuple]:
