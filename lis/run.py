@@ -142,7 +142,7 @@ class MetricsLog:
                 resume="allow",
                 dir=str(run_dir),
                 mode=cfg.tracking.wandb,
-                config={"policy": cfg.policy.name, "seed": cfg.run.seed, **to_dict(cfg)},
+                config=to_dict(cfg),  # policy.name and run.seed among them: the UI groups and compares by them
                 reinit="finish_previous",
             )
 
