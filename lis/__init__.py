@@ -4,6 +4,8 @@ The public surface:
 
 - ``lis.models.create(name, num_classes)`` — the model zoo;
 - ``lis.load_config(path, overrides)`` and ``lis.compress(cfg)`` — a whole run;
+- ``lis.compress(teacher=net, train=..., meta=..., test=..., policy="dean", budget=0.75)`` — the same run on
+  your own model and data (``lis/api.py``);
 - ``lis.load_student(path)`` — a pruned student saved by a run, without its config.
 """
 
@@ -22,11 +24,12 @@ __all__ = ["Config", "LISError", "compress", "load_config", "load_student", "mod
 __version__ = "0.1.0"
 
 
-def compress(cfg: Config, overwrite: bool = False) -> Path:
-    """Run teacher -> KDP -> hard prune -> fine-tune -> evaluate; returns the run directory."""
-    from lis.pipeline import compress as _compress
+def compress(cfg: Config | None = None, **kw) -> Path:
+    """Teacher -> KDP -> hard prune -> fine-tune -> evaluate, for a config or your own model and data
+    (``teacher=``, ``train=``, ``meta=``, ``test=``, ...): see ``lis.api.compress``. Returns the run directory."""
+    from lis.api import compress as _compress  # the training stack loads only when a run starts
 
-    return _compress(cfg, overwrite)
+    return _compress(cfg, **kw)
 
 
 def load_student(path: str | Path, map_location: str = "cpu") -> nn.Module:

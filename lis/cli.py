@@ -67,7 +67,8 @@ def _seeds(text: str) -> list[int]:
 def _compare(args: argparse.Namespace) -> None:
     from lis.compare import compare
 
-    compare(args.config, args.policies, args.seeds, args.overrides, args.sweep, args.name)
+    compare(args.config, args.policies, args.seeds, args.overrides, args.sweep, args.name, jobs=args.jobs,
+            plan=args.plan)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -92,21 +93,23 @@ def _probe(args: argparse.Namespace) -> None:
           overwrite=args.overwrite)
 
 
-DEMO_CONFIG = "experiments/demo.yaml"
+DEMO_CONFIG = "demo.yaml"  #: in the package (experiments/demo.yaml links to it), so an installed lis has it
 DEMO_POLICIES = ["dean", "fixed", "prune_only", "l1_prune"]
 
 
 def _demo(args: argparse.Namespace) -> None:
+    import os
     from pathlib import Path
 
     from lis.compare import compare
 
-    config = Path(__file__).resolve().parents[1] / DEMO_CONFIG
+    config = Path(__file__).resolve().parent / DEMO_CONFIG
+    jobs = len(os.sched_getaffinity(0))  # one run per core at once; each run has one thread whatever the machine
     if args.quick:
         compare(config, DEMO_POLICIES, [0], ["teacher.epochs=10", "kdp.epochs=3", "finetune.epochs=2"]
-                + args.overrides, name="demo-quick")
+                + args.overrides, name="demo-quick", jobs=jobs)
     else:
-        compare(config, DEMO_POLICIES, [0, 1, 2], args.overrides, name="demo")
+        compare(config, DEMO_POLICIES, [0, 1, 2], args.overrides, name="demo", jobs=jobs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="append", default=[], metavar="section.key=V1,V2,...",
                    help="values to try for the fixed policy, each its own row; repeat for a grid")
     p.add_argument("--name", default=None, help="comparison folder under run.dir (default: compare-<config stem>)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N pairs at once, each in its own process (same results as N=1: each run has "
+                        "run.threads CPU threads, 1 unless the config sets it)")
+    p.add_argument("--plan", action="store_true",
+                   help="print one 'lis compress' command per unfinished pair (for a scheduler, e.g. a SLURM "
+                        "array: docs/cluster.md) and run nothing; 'lis compare' again aggregates what finished")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("bench", help="the protocol: tune fixed weights on val (seeds 0-4), report every policy "
@@ -189,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded demo: dean vs baselines on MNIST-1D, 3 seeds, ~5 min on 2 CPU cores",
                        description=f"Compare {', '.join(DEMO_POLICIES)} on MNIST-1D at a 90%% MACs cut "
-                                   f"({DEMO_CONFIG}), three seeds, and print the table. --quick: one seed, "
+                                   f"(experiments/{DEMO_CONFIG}), three seeds, and print the table. --quick: one seed, "
                                    f"short schedules, about a minute.")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config field")
     p.add_argument("--quick", action="store_true", help="one seed and short schedules (about a minute)")

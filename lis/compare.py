@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 
 import yaml
 
-from lis import dist, pipeline
+from lis import dist, jobs as jobs_, pipeline
 from lis.config import Config, load_config, to_yaml
 from lis.errors import LISError
 from lis.plots import draw_acc_vs_macs
@@ -158,11 +158,14 @@ def _safe(text: str) -> str:
 
 
 def _plan(config_path: str | Path, policies: Sequence[str], seeds: Sequence[int], overrides: Sequence[str],
-          sweeps: Sequence[str], name: str) -> list[tuple[str, str, int, Config]]:
-    """Every run of the comparison as ``(label, policy, seed, cfg)``; every user mistake raises here,
+          sweeps: Sequence[str], name: str) -> list[tuple[str, str, int, Config, list[str]]]:
+    """Every run of the comparison as ``(label, policy, seed, cfg, args)``, ``args`` the overrides that make
+    ``cfg`` from ``config_path`` (``lis compress CONFIG *args`` runs it); every user mistake raises here,
     before anything runs."""
     overrides = list(overrides)
-    load_config(config_path, overrides)  # the config and the overrides on their own
+    # a run's numbers depend on its CPU threads: one each unless the config says, whatever --jobs is
+    if load_config(config_path, overrides).run.threads is None:  # (the config and the overrides on their own)
+        overrides.append("run.threads=1")
     for text in overrides:
         key = text.partition("=")[0].strip()
         if key in SET_BY_COMPARE:
@@ -200,11 +203,11 @@ def _plan(config_path: str | Path, policies: Sequence[str], seeds: Sequence[int]
         for extra in variants:
             label = f"{p}[{','.join(extra)}]" if extra else p
             for seed in seeds:
-                cfg = load_config(config_path, overrides + extra + [f"policy.name={p}", f"run.seed={seed}"])
-                # set after validation, which allows only plain run names: this run lives inside the comparison
-                # directory, while run.dir (and with it the teacher cache) stays the same for every run
-                cfg.run.name = f"{name}/{_safe(p + ''.join('__' + e for e in extra))}-s{seed}"
-                runs.append((label, p, seed, cfg))
+                # this run lives inside the comparison directory, while run.dir (and with it the teacher cache)
+                # stays the same for every run
+                args = overrides + extra + [f"policy.name={p}", f"run.seed={seed}",
+                                            f"run.name={name}/{_safe(p + ''.join('__' + e for e in extra))}-s{seed}"]
+                runs.append((label, p, seed, load_config(config_path, args), args))
     return runs
 
 
@@ -243,20 +246,30 @@ def _or_nan(value) -> float:
 
 
 def compare(config_path: str | Path, policies: Sequence[str], seeds: Sequence[int], overrides: Sequence[str] = (),
-            sweeps: Sequence[str] = (), name: str | None = None) -> Path:
+            sweeps: Sequence[str] = (), name: str | None = None, jobs: int = 1, plan: bool = False) -> Path:
     """Run every (policy[, sweep value], seed) of ``config_path`` and write the comparison; returns its directory.
 
     ``sweeps`` are ``"section.key=v1,v2,..."`` strings; several make a grid, and each combination is its own
     label ``fixed[policy.alpha=0.5]`` for the ``fixed`` policy (the other policies run once per seed).
+    ``jobs``: run the unfinished pairs in that many processes side by side (``lis.jobs``); ``plan``: only print
+    the ``lis compress`` command of each unfinished pair, for a scheduler, and run nothing.
     """
     dist.init()
     policies, seeds = list(dict.fromkeys(policies)), list(dict.fromkeys(seeds))
     name = name or f"compare-{Path(config_path).stem}"
     runs = _plan(config_path, policies, seeds, overrides, sweeps, name)
     cmp_dir = Path(runs[0][3].run.dir) / name
+    if plan or jobs > 1:
+        if dist.world() > 1:
+            raise LISError("--jobs and --plan start runs of their own: run 'lis compare' itself without torchrun")
+        commands = jobs_.commands(config_path, runs)
+        if plan:
+            jobs_.print_plan(commands, cmp_dir)
+            return cmp_dir
+        jobs_.run_all(commands, jobs, cmp_dir / "logs")
 
     rows = []
-    for i, (label, policy, seed, cfg) in enumerate(runs, 1):
+    for i, (label, policy, seed, cfg, _) in enumerate(runs, 1):
         dist.barrier()  # under torchrun: every process looks at the run directory before process 0 writes it
         run_dir = Path(cfg.run.dir) / cfg.run.name
         done, started = (run_dir / "summary.json").is_file(), (run_dir / "config.yaml").is_file()
@@ -278,6 +291,7 @@ def compare(config_path: str | Path, policies: Sequence[str], seeds: Sequence[in
     write_csv(cmp_dir / "comparison.csv", rows)
     write_markdown(cmp_dir / "comparison.md", name, config_path, overrides, seeds, rows, aggregated)
     draw_acc_vs_macs(cmp_dir / "plots" / "acc_vs_macs.png", rows)
+    log_table(runs[0][3], name, cmp_dir, rows)
     print(format_table(aggregated))
     print(f"comparison: {cmp_dir / 'comparison.md'}")
     return cmp_dir
@@ -288,6 +302,19 @@ def write_csv(path: Path, rows: Sequence[Mapping]) -> None:
         writer = csv.DictWriter(f, fieldnames=["label", "policy", "seed", *COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
+
+
+def log_table(cfg: Config, name: str, cmp_dir: Path, rows: Sequence[Mapping]) -> None:
+    """With wandb on, the per-run table as one wandb run of the comparison's group (its runs' group too)."""
+    if cfg.tracking.wandb == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(project=cfg.tracking.project, name=name, group=name, job_type="comparison", dir=str(cmp_dir),
+                     mode=cfg.tracking.wandb, reinit="finish_previous")
+    columns = ["label", "policy", "seed", *COLUMNS]
+    run.log({"comparison": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
+    run.finish()
 
 
 def write_markdown(path: Path, name: str, config_path: str | Path, overrides: Sequence[str], seeds: Sequence[int],

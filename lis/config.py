@@ -37,11 +37,15 @@ class RunConfig:
     amp: str = "off"  #: ``bf16``: forward passes under bfloat16 autocast (GPU speed); ``off``: float32
     channels_last: bool = False  #: channels_last memory layout for 2-D conv nets (GPU speed)
     sync_bn: bool = False  #: under torchrun on GPUs: BatchNorm statistics over the global batch; not with the dean
+    #: CPU threads (torch.set_num_threads); the numbers of a CPU run depend on it. null: the process's current
+    #: setting (torch's default: one per core), recorded as a number in config.yaml. ``lis compare`` sets 1.
+    threads: Optional[int] = None
 
 
 @dataclass
 class DataConfig:
-    name: str = "mnist1d"  #: cifar10 | cifar100 | imagenet | folder | digits | mnist1d | mnist1d_hard | fake
+    #: cifar10 | cifar100 | imagenet | folder | digits | mnist1d | mnist1d_hard | fake | pkg.module:build_fn (your own)
+    name: str = "mnist1d"
     root: str = "data"  #: where datasets live (and where mnist1d is cached)
     download: bool = False  #: let torchvision download CIFAR (needs network)
     batch_size: int = 128  #: training batch size (also used for evaluation and latency)
@@ -50,7 +54,7 @@ class DataConfig:
     #: fraction of train held out as the val split (val_acc, for choosing settings), in [0, 1); 0: no val split
     val_fraction: float = 0.1
     image_size: int = 32  #: input side in pixels for fake / imagenet / folder data
-    num_classes: int = 10  #: classes of the ``fake`` dataset (others know their own)
+    num_classes: int = 10  #: classes of ``fake`` and of a ``pkg.module:build_fn`` dataset (others know their own)
     fake_size: int = 512  #: training samples of the ``fake`` dataset (test: a quarter)
     # the MNIST-1D generator (``mnist1d``, ``mnist1d_hard``): null takes the variant's value (lis.data.MNIST1D_VARIANTS)
     mnist1d_train_size: Optional[int] = None  #: training samples (the meta split is carved from them)
@@ -65,7 +69,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mnist1d_cnn"  #: teacher architecture, see ``lis.models.names()``
+    name: str = "mnist1d_cnn"  #: teacher architecture, see ``lis.models.names()``, or ``pkg.module:build_fn``
 
 
 @dataclass
@@ -190,6 +194,7 @@ CHOICES = {
 
 # (key, test, what the value must be)
 RANGES = [
+    ("run.threads", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
     ("data.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("data.num_workers", lambda v: v >= 0, "an integer >= 0"),
     ("data.meta_fraction", lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)"),
@@ -340,7 +345,8 @@ def _parse_override(text: str) -> tuple[str, Any]:
 def validate(cfg: Config) -> None:
     """Raise ``ConfigError`` naming the first key whose value is out of range."""
     for key, choices in CHOICES.items():
-        if _get(cfg, key) not in choices:
+        own = key == "data.name" and ":" in cfg.data.name  # a builder of the user's, imported when the data loads
+        if _get(cfg, key) not in choices and not own:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(choices)}: pick one of them")
     for key in all_keys():
         value = _get(cfg, key)
@@ -358,8 +364,10 @@ def validate(cfg: Config) -> None:
     if cfg.run.sync_bn and cfg.policy.name == "dean":
         raise ConfigError("run.sync_bn=true cannot run the dean (its meta step differentiates through BatchNorm's "
                           "backward, which SyncBatchNorm has no derivative of): set run.sync_bn=false")
-    if cfg.run.name in ("", ".", "..") or "/" in cfg.run.name:
-        raise ConfigError(f"run.name={cfg.run.name!r} must be a plain folder name, without '/'")
+    parts = cfg.run.name.split("/")
+    if len(parts) > 2 or any(p in ("", ".", "..") for p in parts) or (len(parts) == 2 and parts[0] == "teachers"):
+        raise ConfigError(f"run.name={cfg.run.name!r} must be a plain folder name, or <comparison>/<run> for a run "
+                          f"of a comparison (what 'lis compare --plan' prints)")
 
 
 def check_dean_start(cfg: Config) -> None:
@@ -378,9 +386,9 @@ def check_dean_start(cfg: Config) -> None:
                           f"a fresh dean can start: pick a value inside or widen the range")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults <- YAML file <- ``section.key=value`` overrides, validated."""
-    schema = OmegaConf.structured(Config)
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: Optional[Config] = None) -> Config:
+    """Defaults (or ``base``) <- YAML file <- ``section.key=value`` overrides, validated."""
+    schema = OmegaConf.structured(base or Config)
     layers = []
     if path is not None:
         data = _read_yaml(Path(path))

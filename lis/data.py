@@ -17,8 +17,9 @@ Dataset names (docs/design.md section 6): ``cifar10`` and ``cifar100``
 (torchvision, files under ``root``), ``imagenet`` and ``folder`` (ImageFolder
 trees ``root/train`` and ``root/val``), ``digits`` (scikit-learn's 8x8 digits,
 offline), ``mnist1d`` and its harder variant ``mnist1d_hard`` (generated
-offline and cached under ``root``, see ``MNIST1D_VARIANTS``) and ``fake``
-(random images, for smoke tests). Nothing here downloads unless
+offline and cached under ``root``, see ``MNIST1D_VARIANTS``), ``fake``
+(random images, for smoke tests) and ``pkg.module:build_fn``, the user's
+``build_fn(root) -> (train, test)`` (``lis.builders``). Nothing here downloads unless
 ``download=True`` is asked for a CIFAR set.
 """
 
@@ -41,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 from torchvision import datasets, transforms as T
 from torchvision.datasets.vision import StandardTransform
 
+from lis.builders import import_builder, is_builder
 from lis.errors import LISError
 
 NAMES = ("cifar10", "cifar100", "imagenet", "folder", "digits", "mnist1d", "mnist1d_hard", "fake")
@@ -91,8 +93,8 @@ def build_splits(name: str, root: str, *, download: bool = False, meta_fraction:
 
     ``meta_fraction`` and ``val_fraction`` are fractions (not percent) of the
     training set, carved out with ``seed``. ``image_size`` (pixels) applies to ``imagenet``,
-    ``folder`` and ``fake``; ``num_classes`` and ``fake_size`` (training
-    samples; the test set has a quarter) only to ``fake``; ``mnist1d``
+    ``folder`` and ``fake``; ``num_classes`` to ``fake`` and a builder's data;
+    ``fake_size`` (training samples; the test set has a quarter) only to ``fake``; ``mnist1d``
     (options of ``MNIST1D_VARIANTS``, None values ignored) to the MNIST-1D variants.
     """
     if name in _CIFAR_STATS:
@@ -107,6 +109,9 @@ def build_splits(name: str, root: str, *, download: bool = False, meta_fraction:
         train_eval, n_classes = train_aug, 10
     elif name == "fake":
         train_aug, test = _fake(image_size, num_classes, fake_size)
+        train_eval, n_classes = train_aug, num_classes
+    elif is_builder(name):
+        train_aug, test = _own(name, root)
         train_eval, n_classes = train_aug, num_classes
     else:
         raise LISError(f"unknown dataset {name!r}: set data.name to one of {', '.join(NAMES)}")
@@ -349,6 +354,16 @@ def _fake(image_size: int, num_classes: int, fake_size: int):
     test = datasets.FakeData(size=max(fake_size // 4, 1), image_size=shape, num_classes=num_classes, transform=tf,
                              random_offset=fake_size)
     return train, test
+
+
+def _own(spec: str, root: str):
+    """The user's ``build_fn(root) -> (train, test)``: two datasets of (input, label) samples."""
+    out = import_builder(spec, "data.name")(root)
+    if not (isinstance(out, tuple) and len(out) == 2
+            and all(hasattr(d, "__getitem__") and hasattr(d, "__len__") for d in out)):
+        raise LISError(f"data.name={spec} returned a {type(out).__name__}, not (train, test) datasets: its function "
+                       f"must be build_fn(root) -> (train, test), with data.num_classes set to their classes")
+    return out
 
 
 def _tensor_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:

@@ -12,7 +12,8 @@ import json
 from datetime import datetime
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -48,8 +49,15 @@ def load_data(cfg: Config) -> tuple[Splits, Loaders]:
                           val_fraction=d.val_fraction, seed=0, image_size=d.image_size, num_classes=d.num_classes,
                           fake_size=d.fake_size,
                           mnist1d={k: getattr(d, f"mnist1d_{k}") for k in MNIST1D_VARIANTS["mnist1d"]})
-    return splits, make_loaders(splits, d.batch_size, d.num_workers, seed=cfg.run.seed, rank=dist.rank(),
-                                world=dist.world(), meta_batch_size=cfg.meta.batch_size)
+    return splits, run_loaders(cfg, splits)
+
+
+def run_loaders(cfg: Config, splits: Splits) -> Loaders:
+    """The loaders of a run over ``splits``: batches of ``data.batch_size`` in an order that ``run.seed`` fixes
+    and a resumed run continues, each process its slice under torchrun."""
+    d = cfg.data
+    return make_loaders(splits, d.batch_size, d.num_workers, seed=cfg.run.seed, rank=dist.rank(),
+                        world=dist.world(), meta_batch_size=cfg.meta.batch_size)
 
 
 def train_teacher_job(cfg: Config, overwrite: bool = False) -> Path:
@@ -113,10 +121,13 @@ def resume_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def _stored_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
-    """``run_dir/config.yaml`` with ``overrides``, its run.dir and run.name where the directory is now (a
-    comparison's runs are named ``<comparison>/<run>``)."""
-    return load_config(run_dir / "config.yaml",
-                       [f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", *overrides])
+    """``run_dir/config.yaml`` with ``overrides``; its run.dir and run.name stay if they still name
+    ``run_dir`` (a comparison's runs are ``<comparison>/<run>`` in the comparison's run.dir, where the teacher
+    cache is), else they become where the directory is now."""
+    stored = load_config(run_dir / "config.yaml")
+    if (Path(stored.run.dir) / stored.run.name).resolve() != run_dir.resolve():
+        overrides = [f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", *overrides]
+    return load_config(run_dir / "config.yaml", overrides)
 
 
 def _changes(run_dir: Path, cfg: Config) -> dict[str, tuple]:
@@ -188,6 +199,18 @@ def _run_dir(cfg: Config, overwrite: bool, resume: bool) -> Iterator[Path]:
         yield path
 
 
+@dataclass
+class Inputs:
+    """What a compress run works on: built from the config by ``compress``, or given from Python by ``lis.api``."""
+
+    splits: Splits
+    loaders: Loaders
+    #: the teacher's architecture, untrained: checked (channel groups, budget) before anything is written
+    architecture: nn.Module
+    #: ``(run_dir, device, log) -> (teacher, its test accuracy, where it is stored)``: loaded or trained
+    teacher: Callable[[Path, torch.device, Callable[[dict], None]], tuple[nn.Module, float, Optional[Path]]]
+
+
 def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path:
     """``lis compress``: teacher (cached or trained) -> KDP -> hard prune -> fine-tune -> evaluate.
 
@@ -198,8 +221,24 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
     stopped before the first one.
     """
     dist.init()  # under torchrun: join the other processes (process 0 alone writes the run directory)
-    device = resolve_device(dist.device(cfg.run.device))
     splits, loaders = load_data(cfg)
+    # a bad model name or teacher checkpoint fails before anything is written or trained
+    architecture = models.create(cfg.model.name, splits.num_classes)
+    if cfg.teacher.checkpoint is not None:
+        load_teacher(cfg.teacher.checkpoint, cfg.model.name, splits.num_classes)
+    inputs = Inputs(splits, loaders, architecture,
+                    lambda run_dir, device, log: get_teacher(cfg, splits, loaders, device, log))
+    return run_compress(cfg, inputs, overwrite, resume)
+
+
+def run_compress(cfg: Config, inputs: Inputs, overwrite: bool = False, resume: bool = False) -> Path:
+    """The whole method on ``inputs``, the one implementation under ``lis compress`` and ``lis.compress``."""
+    dist.init()
+    if cfg.run.threads is None:
+        cfg.run.threads = torch.get_num_threads()  # recorded in config.yaml: a CPU run's numbers depend on it
+    torch.set_num_threads(cfg.run.threads)
+    device = resolve_device(dist.device(cfg.run.device))
+    splits, loaders = inputs.splits, inputs.loaders
     # fail on user mistakes before anything is written or trained
     seed_everything(cfg.run.seed)  # the dean's initial weights
     policy = build_policy(cfg).to(device)
@@ -208,10 +247,8 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
     if cfg.policy.name == "dean" and len(splits.meta) == 0:
         raise LISError("the dean needs a meta split but data.meta_fraction=0 leaves none: set it to e.g. 0.1")
     example = torch.zeros(2, *splits.input_shape, device=device)
-    models.create(cfg.model.name, splits.num_classes)
-    if cfg.teacher.checkpoint is not None:
-        load_teacher(cfg.teacher.checkpoint, cfg.model.name, splits.num_classes)
-    plan(models.create(cfg.student.model or cfg.model.name, splits.num_classes).to(device), example, cfg)
+    plan((models.create(cfg.student.model, splits.num_classes) if cfg.student.model
+          else copy.deepcopy(inputs.architecture)).to(device), example, cfg)
     state = checkpoint.load(Path(cfg.run.dir) / cfg.run.name) if resume else None
 
     with _run_dir(cfg, overwrite, resume) as run_dir, \
@@ -221,7 +258,7 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
             if state is None:
                 log.truncate(0)  # stopped before its first checkpoint: start again, in place
         ckpt = Checkpointer(run_dir, log, cfg.checkpoint.every_iters, stop, state)
-        teacher, teacher_acc, teacher_path = get_teacher(cfg, splits, loaders, device, log.log)
+        teacher, teacher_acc, teacher_path = inputs.teacher(run_dir, device, log.log)
         ckpt.context["teacher"] = str(teacher_path)
         for p in teacher.parameters():
             p.requires_grad_(False)

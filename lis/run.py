@@ -137,11 +137,12 @@ class MetricsLog:
             self._wandb = wandb.init(
                 project=cfg.tracking.project,
                 name=cfg.run.name,
+                group=str(Path(cfg.run.name).parent) if "/" in cfg.run.name else None,  # its comparison
                 id=id_file.read_text().strip(),
                 resume="allow",
                 dir=str(run_dir),
                 mode=cfg.tracking.wandb,
-                config=to_dict(cfg),
+                config=to_dict(cfg),  # policy.name and run.seed among them: the UI groups and compares by them
                 reinit="finish_previous",
             )
 

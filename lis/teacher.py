@@ -38,7 +38,7 @@ def teacher_key(cfg: Config) -> str:
     teacher = {k: v for k, v in dataclasses.asdict(cfg.teacher).items() if k != "checkpoint"}
     blob = json.dumps({"data": data, "model": cfg.model.name, "teacher": teacher}, sort_keys=True)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
-    return f"{cfg.model.name.replace(':', '-')}-{cfg.data.name}-{digest}"
+    return f"{cfg.model.name.replace(':', '-')}-{cfg.data.name.replace(':', '-')}-{digest}"
 
 
 @contextmanager
@@ -84,14 +84,16 @@ def load_teacher(path: str | Path, model_name: str, num_classes: int) -> tuple[n
 
 
 def train_teacher(cfg: Config, splits: Splits, loaders: Loaders, device: torch.device,
-                  log: Optional[Callable[[dict], None]] = None) -> tuple[nn.Module, float]:
-    """Train a fresh teacher from the ``teacher`` section; returns it and its test accuracy.
+                  log: Optional[Callable[[dict], None]] = None, model: Optional[nn.Module] = None
+                  ) -> tuple[nn.Module, float]:
+    """Train a fresh teacher from the ``teacher`` section (or ``model``, from the weights it has); returns it
+    and its test accuracy.
 
     Initialisation and data order follow ``teacher.seed`` only.
     """
     t = cfg.teacher
     seed_everything(t.seed)
-    model = models.create(cfg.model.name, splits.num_classes).to(device)
+    model = (models.create(cfg.model.name, splits.num_classes) if model is None else model).to(device)
     train = make_loaders(splits, cfg.data.batch_size, cfg.data.num_workers, seed=t.seed).train
     try:
         metrics = fit(model, train, loaders.test, device, epochs=t.epochs, lr=t.lr, momentum=t.momentum,

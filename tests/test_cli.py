@@ -134,10 +134,11 @@ def test_overrides_may_follow_options(monkeypatch):
     from lis.cli import main
 
     seen = {}
-    monkeypatch.setattr(lis.compare, "compare", lambda *a: seen.setdefault("args", a))
+    monkeypatch.setattr(lis.compare, "compare", lambda *a, **kw: seen.setdefault("args", (a, kw)))
     assert main(["compare", "c.yaml", "kdp.epochs=2", "--seeds", "0,1", "--policies", "dean,fixed",
-                 "data.root=/x", "--sweep", "policy.alpha=1,2"]) == 0
-    config, policies, seeds, overrides, sweeps, name = seen["args"]
+                 "data.root=/x", "--sweep", "policy.alpha=1,2", "--jobs", "3"]) == 0
+    (config, policies, seeds, overrides, sweeps, name), kw = seen["args"]
+    assert kw == {"jobs": 3, "plan": False}
     assert (config, policies, seeds, sweeps, name) == ("c.yaml", ["dean", "fixed"], [0, 1], ["policy.alpha=1,2"], None)
     assert overrides == ["kdp.epochs=2", "data.root=/x"]
 
@@ -149,7 +150,7 @@ def test_seeds_take_lists_and_ranges(monkeypatch, text, seeds):
     from lis.cli import main
 
     seen = {}
-    monkeypatch.setattr(lis.compare, "compare", lambda *a: seen.setdefault("args", a))
+    monkeypatch.setattr(lis.compare, "compare", lambda *a, **kw: seen.setdefault("args", a))
     assert main(["compare", "c.yaml", "--seeds", text]) == 0
     assert seen["args"][2] == seeds
 
@@ -172,5 +173,6 @@ def test_demo_runs_the_documented_comparison(monkeypatch):
     monkeypatch.setattr(lis.compare, "compare", lambda *a, **kw: calls.append((a, kw)))
     assert main(["demo"]) == 0 and main(["demo", "--quick"]) == 0
     (full, full_kw), (quick, quick_kw) = calls
-    assert str(full[0]).endswith("experiments/demo.yaml") and full[1] == DEMO_POLICIES and full[2] == [0, 1, 2]
+    assert str(full[0]).endswith("lis/demo.yaml") and full[1] == DEMO_POLICIES and full[2] == [0, 1, 2]
+    assert full_kw["jobs"] == quick_kw["jobs"] == len(os.sched_getaffinity(0))  # what the machine has
     assert quick[2] == [0] and quick_kw["name"] == "demo-quick"

@@ -50,6 +50,10 @@ FIXES = {
     "cifar-root-missing": "set data.download=true",
     "folder-root-missing": "set data.root",
     "unknown-model": "did you mean 'resnet56'?",
+    "model-builder-missing": "give pkg.module:function",
+    "model-builder-wrong": "build_fn(num_classes) -> nn.Module",
+    "data-builder-missing": "give pkg.module:function",
+    "data-builder-wrong": "build_fn(root) -> (train, test)",
     "unknown-policy": "use one of fixed",
     "dean-without-meta-split": "set it to e.g. 0.1",
     "dean-start-outside-range": "pick a value inside or raise policy.a_max",
@@ -121,6 +125,8 @@ def template(tmp_path_factory) -> Path:
     (ws / "broken.yaml").write_text("kdp: {epochs: [1\n")
     (ws / "twice.yaml").write_text("kdp: {epochs: 5}\nkdp: {lr: 0.1}\n")
     (ws / "typo.yaml").write_text("kdp: {tempreature: 2}\n")
+    (ws / "mybuilders.py").write_text("def no_model(num_classes):\n    return 'resnet'\n\n\n"
+                                      "def no_data(root):\n    return None\n")
     save_teacher(ws / "mnist1d-teacher.pt", models.create("mnist1d_cnn", 10), "mnist1d_cnn", 10, 0.9)
     save_teacher(ws / "five-class-teacher.pt", models.create("digits_cnn", 5), "digits_cnn", 5, 0.9)
     save_teacher(ws / "stale-teacher.pt", models.create("mnist1d_cnn", 10), "digits_cnn", 10, 0.9)
@@ -155,6 +161,7 @@ def workspace(template, tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(ws)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.optim.SGD, "__init__", no_training)
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # importing mybuilders.py writes no __pycache__
     return ws
 
 

@@ -6,7 +6,8 @@ sizes it uses: the CIFAR ResNets (``resnet20|32|56|110``) and ``vgg16``
 plus two small CNNs for the embedded CPU datasets, ``digits_cnn``
 (scikit-learn digits, 1x8x8) and ``mnist1d_cnn`` (MNIST-1D, 1x40). Any
 torchvision classifier is available as ``torchvision:<name>``, randomly
-initialised. Every model ends in a Linear classifier (attribute ``fc`` or
+initialised, and ``pkg.module:build_fn`` calls a builder of your own
+(``build_fn(num_classes) -> nn.Module``, see ``lis.builders``). Every model ends in a Linear classifier (attribute ``fc`` or
 ``classifier``), the one layer whose outputs are never pruned.
 
     model = lis.models.create("resnet56", num_classes=10)
@@ -23,6 +24,7 @@ from typing import Callable
 import torchvision
 from torch import nn
 
+from lis.builders import import_builder, is_builder
 from lis.errors import LISError
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -57,8 +59,14 @@ def create(name: str, num_classes: int, **kw) -> nn.Module:
 
     ``torchvision:<name>`` builds ``torchvision.models.get_model(name,
     weights=None, num_classes=num_classes, **kw)``; other names come from the
-    registry. ``kw`` goes to the builder unchanged.
+    registry; ``pkg.module:build_fn`` imports and calls that function. ``kw`` goes to the builder unchanged.
     """
+    if is_builder(name):
+        model = import_builder(name, "model.name")(num_classes, **kw)
+        if not isinstance(model, nn.Module):
+            raise LISError(f"model.name={name} returned a {type(model).__name__}, not an nn.Module: its function "
+                           f"must be build_fn(num_classes) -> nn.Module")
+        return model
     if name.startswith(TORCHVISION_PREFIX):
         tv_name = name[len(TORCHVISION_PREFIX):]
         _check_known(tv_name, torchvision.models.list_models(), "torchvision.models.list_models()",
