@@ -59,9 +59,10 @@ def chosen_sweeps(label: str) -> list[str]:
 
 def bench(config_path: str | Path, policies: Sequence[str] = POLICIES, select_seeds: Sequence[int] = SELECT_SEEDS,
           report_seeds: Sequence[int] = REPORT_SEEDS, overrides: Sequence[str] = (), sweeps: Sequence[str] = GRID,
-          name: str | None = None) -> Path:
+          name: str | None = None, jobs: int = 1) -> Path:
     """Run the selection and report stages of ``config_path`` and write ``bench.md`` and ``bench.csv``; returns the
-    report stage's directory ``<run.dir>/<name>/`` (default name: ``bench-<config stem>``)."""
+    report stage's directory ``<run.dir>/<name>/`` (default name: ``bench-<config stem>``). ``jobs``: runs side
+    by side (``lis compare --jobs``; the results do not depend on it)."""
     policies, sweeps = list(dict.fromkeys(policies)), list(sweeps)
     name = name or f"bench-{Path(config_path).stem}"
     if "fixed" not in policies:
@@ -74,11 +75,12 @@ def bench(config_path: str | Path, policies: Sequence[str] = POLICIES, select_se
     _plan(config_path, ["fixed"], select_seeds, overrides, sweeps, f"{name}-select")
     _plan(config_path, policies, report_seeds, overrides, first, name)
 
-    select_dir = compare(config_path, ["fixed"], select_seeds, overrides, sweeps, f"{name}-select")
+    select_dir = compare(config_path, ["fixed"], select_seeds, overrides, sweeps, f"{name}-select", jobs=jobs)
     dist.barrier()  # under torchrun: process 0 has written the selection before any process reads it
     selection = _read_csv(select_dir / "comparison.csv")
     chosen = choose(selection)
-    report_dir = compare(config_path, policies, report_seeds, overrides, chosen_sweeps(chosen["label"]), name)
+    report_dir = compare(config_path, policies, report_seeds, overrides, chosen_sweeps(chosen["label"]), name,
+                         jobs=jobs)
     if not dist.is_main():
         return report_dir
     rows = _read_csv(report_dir / "comparison.csv")

@@ -75,7 +75,7 @@ def _bench(args: argparse.Namespace) -> None:
     from lis.bench import bench
 
     options = {"policies": args.policies, "select_seeds": args.select_seeds, "report_seeds": args.report_seeds,
-               "sweeps": args.sweep or None}  # None: lis.bench's default
+               "sweeps": args.sweep or None, "jobs": args.jobs}  # None: lis.bench's default
     bench(args.config, overrides=args.overrides, name=args.name, **{k: v for k, v in options.items() if v is not None})
 
 
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "setting with the highest mean validation accuracy; then run every policy, the "
                                    "fixed one at the chosen setting, on the report seeds. Writes <run.dir>/<name>/"
                                    "bench.md and bench.csv (test accuracy mean ± std, params, MACs, wall time, the "
-                                   "dean minus each baseline with a paired 95%% CI, what was chosen on what). "
+                                   "dean minus each baseline with a paired 95% CI, what was chosen on what). "
                                    "Finished runs are skipped, so an interrupted bench continues where it stopped.")
     p.add_argument("config", help="YAML config file (see experiments/bench/)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config field (all runs)")
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "policy.alpha=0.3,1,3 x policy.alpha_out=0.5,2)")
     p.add_argument("--name", default=None, help="bench folder under run.dir (default: bench-<config stem>; the "
                                                 "selection runs go to <name>-select)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N pairs at once, each in its own process (as lis compare --jobs: same results)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("plot", help="draw runs' figures: distillability, sparsity, ADMM gap, weights, channels kept",
