@@ -133,6 +133,7 @@ class SignalsConfig:
 @dataclass
 class MetaConfig:
     interval: int = 20  #: iterations between meta steps of the dean
+    dean: str = "layerwise"  #: layerwise: global level + per-layer split (docs/design.md 4) | mlp: one shared MLP
     unroll: int = 1  #: differentiable student steps per meta step
     beta: float = 1.0  #: weight of the sparse-structure term of the meta objective
     lr: float = 1.0e-3  #: Adam learning rate of the dean
@@ -183,6 +184,7 @@ CHOICES = {
     "kdp.feature_layers": ("all", "none"),
     "kdp.feature_loss": ("maps", "attention"),
     "meta.backend": ("higher", "func"),
+    "meta.dean": ("layerwise", "mlp"),
     "meta.objective": ("ce", "pruned_ce"),
     "tracking.wandb": ("disabled", "offline", "online"),
     "run.amp": ("off", "bf16"),

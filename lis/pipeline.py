@@ -73,8 +73,8 @@ def build_policy(cfg: Config) -> Policy:
     p = cfg.policy
     if p.name == "dean":
         check_dean_start(cfg)
-        return create_dean(p.dean_checkpoint, init_alpha=p.alpha, init_alpha_out=p.alpha_out, init_rho=p.rho,
-                           learn_rho=cfg.meta.learn_rho, a_max=p.a_max, r_min=p.r_min, r_max=p.r_max)
+        return create_dean(p.dean_checkpoint, cfg.meta.dean, init_alpha=p.alpha, init_alpha_out=p.alpha_out,
+                           init_rho=p.rho, learn_rho=cfg.meta.learn_rho, a_max=p.a_max, r_min=p.r_min, r_max=p.r_max)
     return create_policy(p.name, alpha_out=p.alpha_out, alpha=p.alpha, rho=p.rho)
 
 

@@ -21,7 +21,7 @@ import torch
 from lis import models
 from lis.cli import main
 from lis.config import load_config, to_yaml
-from lis.dean import Dean
+from lis.dean import create_dean
 from lis.teacher import save_teacher, teacher_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def template(tmp_path_factory) -> Path:
     earlier = ws / "runs" / "earlier"
     earlier.mkdir()
     (earlier / "config.yaml").write_text("run: {name: earlier}\n")
-    torch.save(Dean().state_dict(), earlier / "dean.pt")
+    torch.save(create_dean().state_dict(), earlier / "dean.pt")
     (ws / "truncated-dean.pt").write_bytes((earlier / "dean.pt").read_bytes()[:500])
     for name in ("finished", "interrupted"):
         (ws / "runs" / name).mkdir()
