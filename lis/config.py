@@ -141,6 +141,12 @@ class MetaConfig:
     backend: str = "higher"  #: higher | func
     learn_rho: bool = True  #: false: the dean's r_l stay at policy.rho, it only sets the distillation weights
     objective: str = "ce"  #: ce: CE(W') on the meta batch | pruned_ce: CE of W' masked to Z's support (the hard prune)
+    truncate: Optional[int] = None  #: backpropagate through only the last k of the unroll steps (null: all)
+    accumulate: int = 1  #: meta steps whose hypergradients are averaged into one update of the dean
+    finetune_steps: int = 0  #: pruned_ce: differentiable fine-tuning steps (at finetune.lr) of the masked W'
+    estimator: str = "hypergradient"  #: hypergradient: backpropagate through the unroll | es: evolution strategies
+    es_sigma: float = 0.01  #: es: standard deviation of the perturbations of the dean's parameters
+    es_population: int = 8  #: es: evaluations per meta step (antithetic pairs: even)
 
 
 @dataclass
@@ -186,6 +192,7 @@ CHOICES = {
     "meta.backend": ("higher", "func"),
     "meta.dean": ("layerwise", "mlp"),
     "meta.objective": ("ce", "pruned_ce"),
+    "meta.estimator": ("hypergradient", "es"),
     "tracking.wandb": ("disabled", "offline", "online"),
     "run.amp": ("off", "bf16"),
 }
@@ -234,6 +241,11 @@ RANGES = [
     ("meta.beta", lambda v: v >= 0, "a number >= 0"),
     ("meta.lr", lambda v: v > 0, "a positive number"),
     ("meta.batch_size", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    ("meta.truncate", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    ("meta.accumulate", lambda v: v >= 1, "an integer >= 1"),
+    ("meta.finetune_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("meta.es_sigma", lambda v: v > 0, "a positive number"),
+    ("meta.es_population", lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"),
     ("finetune.epochs", lambda v: v >= 0, "an integer >= 0"),
     ("finetune.lr", lambda v: v > 0, "a positive number"),
     ("checkpoint.every_iters", lambda v: v >= 0, "an integer >= 0"),
@@ -357,6 +369,16 @@ def validate(cfg: Config) -> None:
     if cfg.data.meta_fraction + cfg.data.val_fraction >= 1.0:
         raise ConfigError(f"data.meta_fraction={cfg.data.meta_fraction} and data.val_fraction="
                           f"{cfg.data.val_fraction} leave no training set: their sum must be below 1")
+    m = cfg.meta
+    if m.truncate is not None and m.truncate > m.unroll:
+        raise ConfigError(f"meta.truncate={m.truncate} is above meta.unroll={m.unroll}: it counts the last unroll "
+                          f"steps to backpropagate through, so lower it or raise meta.unroll")
+    if m.truncate is not None and m.estimator == "es":
+        raise ConfigError("meta.truncate does nothing with meta.estimator=es (evolution strategies do not "
+                          "backpropagate; they see the whole unroll): set meta.truncate=null")
+    if m.finetune_steps and m.objective != "pruned_ce":
+        raise ConfigError(f"meta.finetune_steps={m.finetune_steps} fine-tunes the student as the hard prune leaves "
+                          f"it: set meta.objective=pruned_ce or meta.finetune_steps=0")
     if cfg.run.name in ("", ".", "..") or "/" in cfg.run.name:
         raise ConfigError(f"run.name={cfg.run.name!r} must be a plain folder name, without '/'")
 
