@@ -121,7 +121,8 @@ def seconds_per_iter(b: Bench, variant: str, cfg: Config) -> float:
     if variant == "fixed":
         policy, meta_step = create_policy("fixed", alpha_out=p.alpha_out, alpha=p.alpha, rho=p.rho), None
     else:
-        policy = create_dean(init_alpha=p.alpha, init_alpha_out=p.alpha_out, init_rho=p.rho).to(b.device)
+        policy = create_dean(None, m.dean, init_alpha=p.alpha, init_alpha_out=p.alpha_out,
+                             init_rho=p.rho).to(b.device)
         meta_step = MetaLearner(policy, lr=m.lr, unroll=m.unroll, beta=m.beta, backend=variant[len("dean["):-1])
     settings = KDPSettings(epochs=1, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
                            admm_interval=cfg.admm.interval, signals_interval=cfg.signals.interval,

@@ -137,6 +137,7 @@ class SignalsConfig:
 @dataclass
 class MetaConfig:
     interval: int = 20  #: iterations between meta steps of the dean
+    dean: str = "layerwise"  #: layerwise: global level + per-layer split (docs/design.md 4) | mlp: one shared MLP
     unroll: int = 1  #: differentiable student steps per meta step
     beta: float = 1.0  #: weight of the sparse-structure term of the meta objective
     lr: float = 1.0e-3  #: Adam learning rate of the dean
@@ -144,6 +145,12 @@ class MetaConfig:
     backend: str = "higher"  #: higher | func
     learn_rho: bool = True  #: false: the dean's r_l stay at policy.rho, it only sets the distillation weights
     objective: str = "ce"  #: ce: CE(W') on the meta batch | pruned_ce: CE of W' masked to Z's support (the hard prune)
+    truncate: Optional[int] = None  #: backpropagate through only the last k of the unroll steps (null: all)
+    accumulate: int = 1  #: meta steps whose hypergradients are averaged into one update of the dean
+    finetune_steps: int = 0  #: pruned_ce: differentiable fine-tuning steps (at finetune.lr) of the masked W'
+    estimator: str = "hypergradient"  #: hypergradient: backpropagate through the unroll | es: evolution strategies
+    es_sigma: float = 0.01  #: es: standard deviation of the perturbations of the dean's parameters
+    es_population: int = 8  #: es: evaluations per meta step (antithetic pairs: even)
 
 
 @dataclass
@@ -187,7 +194,9 @@ CHOICES = {
     "kdp.feature_layers": ("all", "none"),
     "kdp.feature_loss": ("maps", "attention"),
     "meta.backend": ("higher", "func"),
+    "meta.dean": ("layerwise", "mlp"),
     "meta.objective": ("ce", "pruned_ce"),
+    "meta.estimator": ("hypergradient", "es"),
     "tracking.wandb": ("disabled", "offline", "online"),
     "run.amp": ("off", "bf16"),
 }
@@ -237,6 +246,11 @@ RANGES = [
     ("meta.beta", lambda v: v >= 0, "a number >= 0"),
     ("meta.lr", lambda v: v > 0, "a positive number"),
     ("meta.batch_size", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    ("meta.truncate", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    ("meta.accumulate", lambda v: v >= 1, "an integer >= 1"),
+    ("meta.finetune_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("meta.es_sigma", lambda v: v > 0, "a positive number"),
+    ("meta.es_population", lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"),
     ("finetune.epochs", lambda v: v >= 0, "an integer >= 0"),
     ("finetune.lr", lambda v: v > 0, "a positive number"),
     ("checkpoint.every_iters", lambda v: v >= 0, "an integer >= 0"),
@@ -368,6 +382,16 @@ def validate(cfg: Config) -> None:
     if len(parts) > 2 or any(p in ("", ".", "..") for p in parts) or (len(parts) == 2 and parts[0] == "teachers"):
         raise ConfigError(f"run.name={cfg.run.name!r} must be a plain folder name, or <comparison>/<run> for a run "
                           f"of a comparison (what 'lis compare --plan' prints)")
+    m = cfg.meta
+    if m.truncate is not None and m.truncate > m.unroll:
+        raise ConfigError(f"meta.truncate={m.truncate} is above meta.unroll={m.unroll}: it counts the last unroll "
+                          f"steps to backpropagate through, so lower it or raise meta.unroll")
+    if m.truncate is not None and m.estimator == "es":
+        raise ConfigError("meta.truncate does nothing with meta.estimator=es (evolution strategies do not "
+                          "backpropagate; they see the whole unroll): set meta.truncate=null")
+    if m.finetune_steps and m.objective != "pruned_ce":
+        raise ConfigError(f"meta.finetune_steps={m.finetune_steps} fine-tunes the student as the hard prune leaves "
+                          f"it: set meta.objective=pruned_ce or meta.finetune_steps=0")
 
 
 def check_dean_start(cfg: Config) -> None:

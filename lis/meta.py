@@ -13,8 +13,17 @@ Every ``meta.interval`` iterations:
    on a batch of the held-out meta split (never the test split). With
    ``objective="pruned_ce"`` the CE is that of W' masked to Z's support, i.e.
    of the student as the hard prune would leave it now: distillation that
-   keeps the channels to be removed alive no longer looks free to the dean;
-4. an Adam step on phi.
+   keeps the channels to be removed alive no longer looks free to the dean.
+   Its BatchNorm runs in train mode (as in KDP), i.e. with the masked
+   student's statistics on the meta batch: recalibrated, differentiably.
+   ``finetune_steps`` differentiable fine-tuning steps of the masked W' may
+   come before that CE;
+4. an Adam step on phi, every ``accumulate`` meta steps on their mean
+   hypergradient.
+
+``truncate`` backpropagates through only the last steps of the unroll (the
+first are plain steps, ``advance``); ``estimator="es"`` estimates the
+gradient by evolution strategies (``lis.es``) instead of backpropagation.
 
 The real student's weights, optimizer state and BatchNorm statistics are not
 touched: the unroll works on copies of the weights, and BatchNorm buffers are
@@ -31,6 +40,7 @@ Both compute the same meta-gradient (tested).
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -40,6 +50,8 @@ from torch import nn
 from lis import dist
 from lis.admm import ADMMState, group_rows
 from lis.dean import Dean
+from lis.es import antithetic_gradient
+from lis.policy import Weights
 from lis.school import Classroom
 from lis.signals import Signals
 
@@ -86,21 +98,48 @@ def unroll_func(student: nn.Module, opt: torch.optim.SGD, unroll: int, step_loss
 
     for _ in range(unroll):
         loss = step_loss(student, params, forward_with(params))
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
-        for (n, p), g in zip(list(params.items()), grads):
-            if g is None:
-                continue
-            # torch.optim.SGD's update, differentiably
-            g = g + h["weight_decay"] * p
-            if h["momentum"]:
-                buf = momentum[n]
-                momentum[n] = g if buf is None else h["momentum"] * buf + (1 - h["dampening"]) * g
-                g = g + h["momentum"] * momentum[n] if h["nesterov"] else momentum[n]
-            params[n] = p - h["lr"] * g
+        params = sgd_update(params, torch.autograd.grad(loss, list(params.values()), create_graph=True,
+                                                        allow_unused=True), momentum, h)
     return meta_loss(student, params, forward_with(params))
 
 
+def sgd_update(params: Params, grads, momentum: dict, h: Mapping) -> dict[str, torch.Tensor]:
+    """``torch.optim.SGD``'s update of ``params`` with ``grads`` (None: no step) and hyperparameters ``h`` (one
+    param group's), differentiably; ``momentum`` (name -> buffer or None) is updated in place."""
+    out = dict(params)
+    for (n, p), g in zip(params.items(), grads):
+        if g is None:
+            continue
+        g = g + h["weight_decay"] * p
+        if h["momentum"]:
+            buf = momentum.get(n)
+            momentum[n] = g if buf is None else h["momentum"] * buf + (1 - h["dampening"]) * g
+            g = g + h["momentum"] * momentum[n] if h["nesterov"] else momentum[n]
+        out[n] = p - h["lr"] * g
+    return out
+
+
 BACKENDS = {"higher": unroll_higher, "func": unroll_func}
+
+
+def advance(student: nn.Module, opt: torch.optim.SGD, steps: int, step_loss: LossFn) -> tuple[nn.Module,
+                                                                                               torch.optim.SGD]:
+    """``steps`` plain (not differentiable) steps of ``opt``'s update on a copy of ``student`` and of ``opt``'s
+    momentum buffers: the copy and its optimizer, where the differentiable part of a truncated unroll starts
+    (and the horizon an ES fitness looks through). Nothing of ``student`` or ``opt`` is written."""
+    ahead = copy.deepcopy(student)
+    inner = torch.optim.SGD(ahead.parameters(), **{k: v for k, v in opt.param_groups[0].items() if k != "params"})
+    for p, q in zip(student.parameters(), ahead.parameters()):
+        if opt.state.get(p, {}).get("momentum_buffer") is not None:
+            inner.state[q]["momentum_buffer"] = opt.state[p]["momentum_buffer"].clone()
+    params = list(ahead.parameters())
+    for _ in range(steps):
+        grads = torch.autograd.grad(step_loss(ahead, dict(ahead.named_parameters()), ahead), params,
+                                    allow_unused=True)
+        for q, g in zip(params, grads):
+            q.grad = None if g is None else g.detach()
+        inner.step()
+    return ahead, inner
 
 
 def _masked(params: Params, admm: ADMMState) -> dict[str, torch.Tensor]:
@@ -116,38 +155,57 @@ def _masked(params: Params, admm: ADMMState) -> dict[str, torch.Tensor]:
 
 
 class MetaLearner:
-    """Owns the dean's Adam optimizer and performs meta steps; called by the KDP loop."""
+    """Owns the dean's Adam optimizer and performs meta steps; called by the KDP loop.
+
+    ``truncate``: backpropagate through only the last k of the ``unroll`` steps (None: all), the first
+    ``unroll - k`` are plain steps (``advance``). ``accumulate``: the dean's update averages the
+    hypergradients of this many meta steps. ``finetune_steps`` (``objective="pruned_ce"`` only): that many
+    differentiable SGD steps of the masked W' at ``finetune_lr`` (with the real optimizer's momentum and
+    weight decay, from fresh buffers, as fine-tuning starts; channels outside Z stay zero) on the KDP loss
+    without the ADMM penalty before the meta CE. ``estimator="es"``: the dean's gradient is estimated by
+    antithetic evolution strategies (``lis.es``) on L_meta after ``unroll`` plain steps, ``es_population``
+    evaluations at ``es_sigma``, instead of backpropagation."""
 
     def __init__(self, dean: Dean, *, lr: float, unroll: int = 1, beta: float = 1.0, backend: str = "higher",
-                 objective: str = "ce"):
+                 objective: str = "ce", truncate: Optional[int] = None, accumulate: int = 1,
+                 finetune_steps: int = 0, finetune_lr: float = 0.01, estimator: str = "hypergradient",
+                 es_sigma: float = 0.01, es_population: int = 8):
         if objective not in ("ce", "pruned_ce"):
             raise ValueError(f"objective must be 'ce' or 'pruned_ce', got {objective!r}")
+        if finetune_steps and objective != "pruned_ce":
+            raise ValueError("finetune_steps fine-tune the masked student: they need objective='pruned_ce'")
         self.dean, self.unroll, self.beta, self.lr, self.meta_objective = dean, unroll, beta, lr, objective
+        self.truncate = unroll if truncate is None else truncate
+        self.accumulate, self.finetune_steps, self.finetune_lr = accumulate, finetune_steps, finetune_lr
+        self.estimator, self.es_sigma, self.es_population = estimator, es_sigma, es_population
         self.unroll_fn = BACKENDS[backend]
         self.opt = torch.optim.Adam(dean.parameters(), lr=lr)
+        self.pending = 0  # meta steps whose hypergradients wait in the dean's .grad
 
     def state_dict(self) -> dict:
-        """The optimizer's state (the dean's weights are the policy's ``state_dict``)."""
-        return {"opt": self.opt.state_dict()}
+        """The optimizer's state and the hypergradients accumulated so far (the dean's weights are the
+        policy's ``state_dict``)."""
+        return {"opt": self.opt.state_dict(), "pending": self.pending,
+                "grads": [p.grad for p in self.dean.parameters()]}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state_dict()``, at this learner's own learning rate (a resume may lower it)."""
         self.opt.load_state_dict(state["opt"])
         for group in self.opt.param_groups:
             group["lr"] = self.lr
+        self.pending = state["pending"]
+        for p, g in zip(self.dean.parameters(), state["grads"]):
+            p.grad = g
 
-    def objective(self, student: nn.Module, room: Classroom, admm: ADMMState, signals: Signals,
-                  batch: tuple[torch.Tensor, torch.Tensor], meta_batch: tuple[torch.Tensor, torch.Tensor],
-                  lr: float, opt: Optional[torch.optim.Optimizer] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_meta, its CE part) as a differentiable function of the dean's parameters; the unroll steps
-        at ``lr`` through ``opt``'s update (``mirror``; None: plain SGD)."""
+    def _losses(self, student: nn.Module, room: Classroom, admm: ADMMState, w: Weights,
+                batch: tuple[torch.Tensor, torch.Tensor], meta_batch: tuple[torch.Tensor, torch.Tensor],
+                inner: torch.optim.SGD, parts: dict) -> tuple[LossFn, LossFn]:
+        """(the KDP loss of an unroll step, L_meta) at the weights ``w``; L_meta's CE goes into ``parts``."""
         x, y = batch
         xm, ym = meta_batch
-        w = self.dean(signals)
         with torch.no_grad():
             params = dict(student.named_parameters())
             w_norm2 = {g.name: group_rows(params, g).pow(2).sum().clamp_min(1e-12) for g in admm.groups}
-        parts = {}
 
         def step_loss(module: nn.Module, p: Params, forward) -> torch.Tensor:
             lesson = room.lesson(module, x, y, forward)
@@ -155,32 +213,87 @@ class MetaLearner:
 
         def meta_loss(module: nn.Module, p: Params, forward) -> torch.Tensor:
             if self.meta_objective == "pruned_ce":
-                # BN statistics move on copies (the unroll's graph holds the real buffers)
-                state = {**_masked(p, admm), **{n: b.clone() for n, b in student.named_buffers()}}
-                parts["ce"] = F.cross_entropy(torch.func.functional_call(student, state, (xm,)), ym)
+                # BN statistics move on copies (the unroll's graph holds the real buffers); in train mode, as
+                # in KDP, BN normalises with the masked student's own statistics on each batch
+                buffers = {n: b.clone() for n, b in student.named_buffers()}
+                q = _masked(p, admm)
+
+                def pruned(x: torch.Tensor) -> torch.Tensor:
+                    return torch.func.functional_call(student, (q, buffers), (x,))
+
+                h, momentum = {**inner.param_groups[0], "lr": self.finetune_lr}, {}
+                for _ in range(self.finetune_steps):
+                    lesson = room.lesson(student, x, y, pruned)
+                    grads = torch.autograd.grad(lesson.ce + lesson.distillation(w), list(q.values()),
+                                                create_graph=True, allow_unused=True)
+                    q = _masked(sgd_update(q, grads, momentum, h), admm)
+                parts["ce"] = F.cross_entropy(pruned(xm), ym)
             else:
                 parts["ce"] = F.cross_entropy(forward(xm), ym)
             close = sum((group_rows(p, g) - admm.Z[g.name]).pow(2).sum() / w_norm2[g.name] for g in admm.groups)
             return parts["ce"] + self.beta * close
 
+        return step_loss, meta_loss
+
+    def objective(self, student: nn.Module, room: Classroom, admm: ADMMState, signals: Signals,
+                  batch: tuple[torch.Tensor, torch.Tensor], meta_batch: tuple[torch.Tensor, torch.Tensor],
+                  lr: float, opt: Optional[torch.optim.Optimizer] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_meta, its CE part) as a differentiable function of the dean's parameters; the unroll steps
+        at ``lr`` through ``opt``'s update (``mirror``; None: plain SGD), backpropagated through its last
+        ``truncate`` steps."""
+        inner, parts = mirror(student, opt, lr), {}
+        step_loss, meta_loss = self._losses(student, room, admm, self.dean(signals), batch, meta_batch, inner,
+                                            parts)
         buffers = {n: b.clone() for n, b in student.named_buffers()}
         try:
-            loss = self.unroll_fn(student, mirror(student, opt, lr), self.unroll, step_loss, meta_loss)
+            start = student
+            if self.truncate < self.unroll:
+                start, inner = advance(student, inner, self.unroll - self.truncate, step_loss)
+            loss = self.unroll_fn(start, inner, self.truncate, step_loss, meta_loss)
         finally:
             with torch.no_grad():
                 for n, b in student.named_buffers():
                     b.copy_(buffers[n])
         return loss, parts["ce"]
 
+    def loss_ahead(self, student: nn.Module, room: Classroom, admm: ADMMState, signals: Signals,
+                   batch: tuple[torch.Tensor, torch.Tensor], meta_batch: tuple[torch.Tensor, torch.Tensor],
+                   lr: float, opt: Optional[torch.optim.Optimizer] = None) -> tuple[float, float]:
+        """(L_meta, its CE part) after ``unroll`` plain steps on a copy at the dean's current weights: the
+        value ``objective`` differentiates, without a graph (the ES fitness)."""
+        inner, parts = mirror(student, opt, lr), {}
+        step_loss, meta_loss = self._losses(student, room, admm, self.dean(signals).detached(), batch, meta_batch,
+                                            inner, parts)
+        ahead, _ = advance(student, inner, self.unroll, step_loss)
+        loss = meta_loss(ahead, dict(ahead.named_parameters()), ahead)
+        return loss.item(), parts["ce"].item()
+
     def __call__(self, student: nn.Module, opt: torch.optim.Optimizer, room: Classroom, admm: ADMMState,
                  signals: Signals, batch, meta_batch, device: Optional[torch.device] = None) -> dict:
-        """One meta step; returns what to log (``meta_loss``, ``meta_ce``)."""
+        """One meta step (the dean's update every ``accumulate`` of them); returns what to log (``meta_loss``,
+        ``meta_ce``)."""
         lr = opt.param_groups[0]["lr"]
         if device is not None:
             meta_batch = tuple(t.to(device) for t in meta_batch)
-        loss, ce = self.objective(student, room, admm, signals, batch, meta_batch, lr, opt)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward(inputs=list(self.dean.parameters()))
-        dist.average_([p.grad for p in self.dean.parameters() if p.grad is not None])  # the same dean everywhere
-        self.opt.step()
-        return {"meta_loss": loss.item(), "meta_ce": ce.item()}
+        params = list(self.dean.parameters())
+        if self.estimator == "es":
+            def fitness() -> float:
+                return self.loss_ahead(student, room, admm, signals, batch, meta_batch, lr, opt)[0]
+
+            loss, ce = self.loss_ahead(student, room, admm, signals, batch, meta_batch, lr, opt)
+            for p, g in zip(params, antithetic_gradient(fitness, params, self.es_sigma, self.es_population)):
+                p.grad = g if p.grad is None else p.grad + g
+        else:
+            loss, ce = self.objective(student, room, admm, signals, batch, meta_batch, lr, opt)
+            loss.backward(inputs=params)  # adds to the hypergradients of earlier meta steps, if any wait
+            loss, ce = loss.item(), ce.item()
+        self.pending += 1
+        if self.pending == self.accumulate:
+            grads = [p.grad for p in params if p.grad is not None]
+            for g in grads:
+                g.div_(self.accumulate)
+            dist.average_(grads)  # the same dean everywhere
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.pending = 0
+        return {"meta_loss": loss, "meta_ce": ce}

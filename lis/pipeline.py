@@ -81,8 +81,8 @@ def build_policy(cfg: Config) -> Policy:
     p = cfg.policy
     if p.name == "dean":
         check_dean_start(cfg)
-        return create_dean(p.dean_checkpoint, init_alpha=p.alpha, init_alpha_out=p.alpha_out, init_rho=p.rho,
-                           learn_rho=cfg.meta.learn_rho, a_max=p.a_max, r_min=p.r_min, r_max=p.r_max)
+        return create_dean(p.dean_checkpoint, cfg.meta.dean, init_alpha=p.alpha, init_alpha_out=p.alpha_out,
+                           init_rho=p.rho, learn_rho=cfg.meta.learn_rho, a_max=p.a_max, r_min=p.r_min, r_max=p.r_max)
     return create_policy(p.name, alpha_out=p.alpha_out, alpha=p.alpha, rho=p.rho)
 
 
@@ -171,8 +171,11 @@ def _recipe(cfg: Config, student: nn.Module, room: Classroom, groups: list[Chann
                            ema=cfg.signals.ema, meta_interval=cfg.meta.interval, precision=precision(cfg))
     meta_step = None
     if name == "dean":
-        meta_step = MetaLearner(policy, lr=cfg.meta.lr, unroll=cfg.meta.unroll, beta=cfg.meta.beta,
-                                backend=cfg.meta.backend, objective=cfg.meta.objective)
+        m = cfg.meta
+        meta_step = MetaLearner(policy, lr=m.lr, unroll=m.unroll, beta=m.beta, backend=m.backend,
+                                objective=m.objective, truncate=m.truncate, accumulate=m.accumulate,
+                                finetune_steps=m.finetune_steps, finetune_lr=cfg.finetune.lr, estimator=m.estimator,
+                                es_sigma=m.es_sigma, es_population=m.es_population)
     _, weights = kdp(student, room, groups, admm, policy, loaders.train, loaders.test, device, settings, log.log,
                      meta_step=meta_step, meta_batches=loaders.meta, ckpt=ckpt)
     if name == "dean" and dist.is_main():

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lis.dean import Dean, create_dean
+from lis.dean import DEANS, create_dean
 from lis.errors import LISError
 from lis.signals import Signals
 
@@ -15,21 +15,23 @@ def signals(n, values=None, progress=0.5, ce=1.0, kd=0.5):
     return Signals(v[0], v[1], v[2], v[3], progress, ce, kd)
 
 
-def test_a_fresh_dean_is_the_fixed_policy():
-    dean = Dean(init_alpha=0.5, init_alpha_out=1.5, init_rho=2e-3)
+@pytest.mark.parametrize("kind", DEANS)
+def test_a_fresh_dean_is_the_fixed_policy(kind):
+    dean = DEANS[kind](init_alpha=0.5, init_alpha_out=1.5, init_rho=2e-3)
     w = dean(signals(5, torch.randn(4, 5)))
     torch.testing.assert_close(w.alpha, torch.full((5,), 0.5), rtol=1e-4, atol=0)
     torch.testing.assert_close(w.rho, torch.full((5,), 2e-3), rtol=1e-4, atol=0)
     assert w.alpha_out.item() == pytest.approx(1.5, rel=1e-4)
 
 
-def test_outputs_are_per_layer_and_their_gradient_matches_finite_differences():
+@pytest.mark.parametrize("kind", DEANS)
+def test_outputs_are_per_layer_and_their_gradient_matches_finite_differences(kind):
     """Bug caught: a broken path from the body to the outputs (a detach, a wrong squashing). A fresh dean's
     heads have zero weights, so its body's gradient is exactly zero and "every parameter has a gradient"
     proves nothing: the heads are perturbed first, and the gradient of every parameter is compared with
     central differences in float64."""
     torch.manual_seed(0)
-    dean = Dean().double()
+    dean = DEANS[kind]().double()
     with torch.no_grad():
         for p in dean.parameters():
             p.add_(0.5 * torch.randn_like(p))
@@ -63,6 +65,7 @@ def test_outputs_are_per_layer_and_their_gradient_matches_finite_differences():
 finite = st.floats(min_value=-1e30, max_value=1e30, allow_nan=False, allow_infinity=False)
 
 
+@pytest.mark.parametrize("kind", DEANS)
 @settings(max_examples=80, deadline=None)
 @given(
     n=st.integers(1, 12),
@@ -72,10 +75,10 @@ finite = st.floats(min_value=-1e30, max_value=1e30, allow_nan=False, allow_infin
     weight_scale=st.sampled_from([0.0, 1.0, 1e3, 1e6]),
     seed=st.integers(0, 2**16),
 )
-def test_outputs_stay_in_bounds(n, values, progress, losses, weight_scale, seed):
+def test_outputs_stay_in_bounds(kind, n, values, progress, losses, weight_scale, seed):
     """Property: random, huge, zero inputs and huge dean weights never leave the bounds or give NaN."""
     torch.manual_seed(seed)
-    dean = Dean(a_max=2.0, r_min=1e-5, r_max=1e-1)
+    dean = DEANS[kind](a_max=2.0, r_min=1e-5, r_max=1e-1)
     with torch.no_grad():
         for p in dean.parameters():
             p.copy_(torch.randn_like(p) * weight_scale)
@@ -87,16 +90,18 @@ def test_outputs_stay_in_bounds(n, values, progress, losses, weight_scale, seed)
     assert ((w.rho >= 1e-5 * (1 - 1e-5)) & (w.rho <= 1e-1 * (1 + 1e-5))).all()
 
 
-def test_checkpoint_transfers_to_a_model_with_another_depth(tmp_path):
-    dean = Dean()
+@pytest.mark.parametrize("kind", DEANS)
+def test_checkpoint_transfers_to_a_model_with_another_depth(kind, tmp_path):
+    dean = DEANS[kind]()
     with torch.no_grad():
         for p in dean.parameters():
             p.add_(torch.randn_like(p))
     torch.save(dean.state_dict(), tmp_path / "dean.pt")
-    loaded = create_dean(str(tmp_path / "dean.pt"))
+    loaded = create_dean(str(tmp_path / "dean.pt"), kind)
     for n in (4, 30):  # trained on one depth, read on another
         s = signals(n, torch.randn(4, n))
         torch.testing.assert_close(loaded(s).rho, dean(s).rho)
+        torch.testing.assert_close(loaded(s).alpha, dean(s).alpha)
 
 
 def test_bad_checkpoints_are_user_errors(tmp_path):
@@ -107,16 +112,18 @@ def test_bad_checkpoints_are_user_errors(tmp_path):
         create_dean(str(tmp_path / "junk.pt"))
 
 
-def test_rho_is_log_scaled_between_bounds():
-    dean = Dean(r_min=1e-4, r_max=1e-2)
-    with torch.no_grad():
-        dean.layer_head.bias.copy_(torch.tensor([0.0, 0.0]))  # sigmoid 0.5: geometric mean of the bounds
+@pytest.mark.parametrize("kind", DEANS)
+def test_rho_is_log_scaled_between_bounds(kind):
+    dean = DEANS[kind](r_min=1e-4, r_max=1e-2)
+    with torch.no_grad():  # the r output's bias to 0, sigmoid 0.5: geometric mean of the bounds
+        (dean.layer_head if kind == "mlp" else dean.global_head).bias[1] = 0.0
     w = dean(signals(3))
     torch.testing.assert_close(w.rho, torch.full((3,), math.sqrt(1e-4 * 1e-2)))
 
 
-def test_a_dean_that_does_not_learn_rho_keeps_the_constant():
-    dean = Dean(init_rho=0.1, learn_rho=False)
+@pytest.mark.parametrize("kind", DEANS)
+def test_a_dean_that_does_not_learn_rho_keeps_the_constant(kind):
+    dean = DEANS[kind](init_rho=0.1, learn_rho=False)
     with torch.no_grad():
         for p in dean.parameters():
             p.add_(torch.randn_like(p))

@@ -21,7 +21,7 @@ import torch
 from lis import models
 from lis.cli import main
 from lis.config import load_config, to_yaml
-from lis.dean import Dean
+from lis.dean import create_dean
 from lis.teacher import save_teacher, teacher_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +46,10 @@ FIXES = {
     "signals-interval-zero": "it must be an integer >= 1",
     "meta-interval-zero": "it must be an integer >= 1",
     "meta-batch-size-zero": "it must be an integer >= 1 or null",
+    "meta-truncate-above-unroll": "lower it or raise meta.unroll",
+    "meta-truncate-with-es": "set meta.truncate=null",
+    "meta-finetune-without-pruned-ce": "set meta.objective=pruned_ce or meta.finetune_steps=0",
+    "meta-es-population-odd": "it must be an even integer >= 2",
     "missing-config": "give the path of a YAML file",
     "cifar-root-missing": "set data.download=true",
     "folder-root-missing": "set data.root",
@@ -137,7 +141,7 @@ def template(tmp_path_factory) -> Path:
     earlier = ws / "runs" / "earlier"
     earlier.mkdir()
     (earlier / "config.yaml").write_text("run: {name: earlier}\n")
-    torch.save(Dean().state_dict(), earlier / "dean.pt")
+    torch.save(create_dean().state_dict(), earlier / "dean.pt")
     (ws / "truncated-dean.pt").write_bytes((earlier / "dean.pt").read_bytes()[:500])
     for name in ("finished", "interrupted"):
         (ws / "runs" / name).mkdir()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lis.admm import ADMMState
-from lis.dean import Dean
+from lis.dean import create_dean
 from lis.groups import CostModel, find_groups
 from lis.meta import MetaLearner
 from lis.school import Classroom
@@ -33,7 +33,7 @@ def setup(dtype=torch.float64, seed=0):
         admm.U[name] = 0.1 * torch.randn_like(admm.U[name])
     names = [g.name for g in groups]
     room = Classroom(teacher, student, names, names, example, temperature=2.0)
-    dean = Dean().to(dtype)
+    dean = create_dean().to(dtype)
     with torch.no_grad():  # move off the zero-initialised heads so every parameter gets a gradient
         for p in dean.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -101,7 +101,8 @@ def test_meta_steps_lower_the_meta_objective(backend):
     L_meta at the dean's weights before its step, so the last of six is L_meta after five steps."""
     student, room, admm, dean, signals, batch, meta_batch = setup()
     opt = torch.optim.SGD(student.parameters(), lr=0.5)
-    learner = MetaLearner(dean, lr=1e-2, unroll=1, beta=0.7, backend=backend)
+    # the perturbed (layerwise) dean starts with a_l near 0, where the sigmoid is flat: a larger step than 1e-2
+    learner = MetaLearner(dean, lr=3e-2, unroll=1, beta=0.7, backend=backend)
     losses = [learner(student, opt, room, admm, signals, batch, meta_batch)["meta_loss"] for _ in range(6)]
     assert losses[-1] < 0.9 * losses[0], losses
 
