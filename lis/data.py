@@ -84,6 +84,9 @@ class Loaders:
     train: DataLoader  #: shuffled, seeded
     meta: DataLoader  #: shuffled, seeded
     test: DataLoader  #: fixed order
+    #: the train split in an order of its own (seeded apart from ``train``): the fresh batches of the meta
+    #: step's look-ahead, so the unroll does not step on the batch the student was just trained on
+    ahead: Optional[DataLoader] = None
 
 
 def build_splits(name: str, root: str, *, download: bool = False, meta_fraction: float = 0.1,
@@ -149,8 +152,9 @@ class EpochSampler(Sampler[int]):
     global batch is dropped, so every process takes the same number of steps).
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1, batch: int = 1):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1, batch: int = 1,
+                 stream: int = 0):
+        self.n, self.seed, self.shuffle, self.stream = n, seed, shuffle, stream
         self.rank, self.world, self.batch = rank, world, batch
         self.epoch, self.start = 0, 0
 
@@ -163,8 +167,10 @@ class EpochSampler(Sampler[int]):
         if not self.shuffle:
             order = list(range(self.n))
         else:
-            # (seed, epoch) -> a generator seed through SeedSequence, so seed 1 epoch 0 is not seed 0 epoch 1
-            seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+            # (seed, epoch) -> a generator seed through SeedSequence, so seed 1 epoch 0 is not seed 0 epoch 1;
+            # another stream of the same seed is another order
+            key = [self.seed, epoch] + ([self.stream] if self.stream else [])
+            seed = int(np.random.SeedSequence(key).generate_state(1)[0])
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).tolist()
         if self.world == 1:
             return order
@@ -183,7 +189,7 @@ class EpochSampler(Sampler[int]):
 
 def make_loaders(splits: Splits, batch_size: int, num_workers: int = 0, seed: int = 0, rank: int = 0,
                  world: int = 1, meta_batch_size: Optional[int] = None) -> Loaders:
-    """DataLoaders over ``splits``; the same ``seed`` gives the same train and meta order (an
+    """DataLoaders over ``splits``; the same ``seed`` gives the same train, meta and look-ahead order (an
     ``EpochSampler`` each: every pass over a loader is its next epoch). ``batch_size`` is the global
     batch: with ``world`` processes each loads ``batch_size / world`` of it (the test set is not split).
     The meta loader's batch is ``meta_batch_size`` (default ``batch_size``)."""
@@ -194,9 +200,9 @@ def make_loaders(splits: Splits, batch_size: int, num_workers: int = 0, seed: in
                            f"{world} processes: make it a multiple of {world}")
 
     def loader(ds: Dataset, shuffle: bool, split: bool, batch_size: int = batch_size,
-               key: str = "data.batch_size") -> DataLoader:
+               key: str = "data.batch_size", stream: int = 0) -> DataLoader:
         parts = world if split else 1
-        sampler = EpochSampler(len(ds), seed, shuffle, rank if split else 0, parts, batch_size)
+        sampler = EpochSampler(len(ds), seed, shuffle, rank if split else 0, parts, batch_size, stream)
         if split and len(ds) and not len(sampler):
             raise LISError(f"a split of {len(ds)} samples is smaller than one global batch ({key}="
                            f"{batch_size}) and {world} processes drop partial batches: lower {key}")

@@ -3,11 +3,12 @@
 Every ``meta.interval`` iterations:
 
 1. weights = dean(signals), differentiable in the dean's parameters phi;
-2. ``unroll`` differentiable steps of the student on the KDP loss of the
-   training batch, through the real optimizer's update: SGD at the student's
-   current learning rate with its momentum (starting from copies of the real
-   momentum buffers) and weight decay, giving W'(phi). With the dean's weights
-   held, one unrolled step is the real next step on that batch. The adapters
+2. ``unroll`` differentiable steps of the student on the KDP loss of fresh
+   training batches (one per step, drawn by the KDP loop from the train split
+   in an order of its own), through the real optimizer's update: SGD at the
+   student's current learning rate with its momentum (starting from copies of
+   the real momentum buffers) and weight decay, giving W'(phi). With the
+   dean's weights held, one unrolled step is the real next step on its batch. The adapters
    are held fixed in the unroll (they reach W' only from a second step on);
 3. L_meta = CE(W'; meta batch) + beta * sum_l ||W'_l - Z_l||^2 / ||W_l||^2
    on a batch of the held-out meta split (never the test split). With
@@ -41,7 +42,8 @@ Both compute the same meta-gradient (tested).
 from __future__ import annotations
 
 import copy
-from typing import Callable, Mapping, Optional
+import itertools
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,7 @@ from lis.school import Classroom
 from lis.signals import Signals
 
 Params = Mapping[str, torch.Tensor]
+Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]  #: the look-ahead's training batches, one per step
 # (module to hook features on, its parameters, forward function) -> loss
 LossFn = Callable[[nn.Module, Params, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
 
@@ -197,18 +200,25 @@ class MetaLearner:
         for p, g in zip(self.dean.parameters(), state["grads"]):
             p.grad = g
 
+    @property
+    def fresh_batches(self) -> int:
+        """Training batches a meta step steps on: one per unroll and per fine-tuning step."""
+        return self.unroll + self.finetune_steps
+
     def _losses(self, student: nn.Module, room: Classroom, admm: ADMMState, w: Weights,
-                batch: tuple[torch.Tensor, torch.Tensor], meta_batch: tuple[torch.Tensor, torch.Tensor],
+                batches: Batches, meta_batch: tuple[torch.Tensor, torch.Tensor],
                 inner: torch.optim.SGD, parts: dict) -> tuple[LossFn, LossFn]:
-        """(the KDP loss of an unroll step, L_meta) at the weights ``w``; L_meta's CE goes into ``parts``."""
-        x, y = batch
+        """(the KDP loss of an unroll step, L_meta) at the weights ``w``; L_meta's CE goes into ``parts``.
+        Each step, of the unroll and then of the fine-tuning, takes the next of ``batches``, cycling (a single
+        ``(x, y)`` batch: every step takes it)."""
+        batch = itertools.cycle([batches] if isinstance(batches[0], torch.Tensor) else batches).__next__
         xm, ym = meta_batch
         with torch.no_grad():
             params = dict(student.named_parameters())
             w_norm2 = {g.name: group_rows(params, g).pow(2).sum().clamp_min(1e-12) for g in admm.groups}
 
         def step_loss(module: nn.Module, p: Params, forward) -> torch.Tensor:
-            lesson = room.lesson(module, x, y, forward)
+            lesson = room.lesson(module, *batch(), forward)
             return lesson.ce + lesson.distillation(w) + admm.penalty(p, w.rho)
 
         def meta_loss(module: nn.Module, p: Params, forward) -> torch.Tensor:
@@ -223,7 +233,7 @@ class MetaLearner:
 
                 h, momentum = {**inner.param_groups[0], "lr": self.finetune_lr}, {}
                 for _ in range(self.finetune_steps):
-                    lesson = room.lesson(student, x, y, pruned)
+                    lesson = room.lesson(student, *batch(), pruned)
                     grads = torch.autograd.grad(lesson.ce + lesson.distillation(w), list(q.values()),
                                                 create_graph=True, allow_unused=True)
                     q = _masked(sgd_update(q, grads, momentum, h), admm)
@@ -236,13 +246,13 @@ class MetaLearner:
         return step_loss, meta_loss
 
     def objective(self, student: nn.Module, room: Classroom, admm: ADMMState, signals: Signals,
-                  batch: tuple[torch.Tensor, torch.Tensor], meta_batch: tuple[torch.Tensor, torch.Tensor],
+                  batches: Batches, meta_batch: tuple[torch.Tensor, torch.Tensor],
                   lr: float, opt: Optional[torch.optim.Optimizer] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_meta, its CE part) as a differentiable function of the dean's parameters; the unroll steps
         at ``lr`` through ``opt``'s update (``mirror``; None: plain SGD), backpropagated through its last
         ``truncate`` steps."""
         inner, parts = mirror(student, opt, lr), {}
-        step_loss, meta_loss = self._losses(student, room, admm, self.dean(signals), batch, meta_batch, inner,
+        step_loss, meta_loss = self._losses(student, room, admm, self.dean(signals), batches, meta_batch, inner,
                                             parts)
         buffers = {n: b.clone() for n, b in student.named_buffers()}
         try:
@@ -257,19 +267,19 @@ class MetaLearner:
         return loss, parts["ce"]
 
     def loss_ahead(self, student: nn.Module, room: Classroom, admm: ADMMState, signals: Signals,
-                   batch: tuple[torch.Tensor, torch.Tensor], meta_batch: tuple[torch.Tensor, torch.Tensor],
+                   batches: Batches, meta_batch: tuple[torch.Tensor, torch.Tensor],
                    lr: float, opt: Optional[torch.optim.Optimizer] = None) -> tuple[float, float]:
         """(L_meta, its CE part) after ``unroll`` plain steps on a copy at the dean's current weights: the
         value ``objective`` differentiates, without a graph (the ES fitness)."""
         inner, parts = mirror(student, opt, lr), {}
-        step_loss, meta_loss = self._losses(student, room, admm, self.dean(signals).detached(), batch, meta_batch,
+        step_loss, meta_loss = self._losses(student, room, admm, self.dean(signals).detached(), batches, meta_batch,
                                             inner, parts)
         ahead, _ = advance(student, inner, self.unroll, step_loss)
         loss = meta_loss(ahead, dict(ahead.named_parameters()), ahead)
         return loss.item(), parts["ce"].item()
 
     def __call__(self, student: nn.Module, opt: torch.optim.Optimizer, room: Classroom, admm: ADMMState,
-                 signals: Signals, batch, meta_batch, device: Optional[torch.device] = None) -> dict:
+                 signals: Signals, batches: Batches, meta_batch, device: Optional[torch.device] = None) -> dict:
         """One meta step (the dean's update every ``accumulate`` of them); returns what to log (``meta_loss``,
         ``meta_ce``)."""
         lr = opt.param_groups[0]["lr"]
@@ -278,13 +288,13 @@ class MetaLearner:
         params = list(self.dean.parameters())
         if self.estimator == "es":
             def fitness() -> float:
-                return self.loss_ahead(student, room, admm, signals, batch, meta_batch, lr, opt)[0]
+                return self.loss_ahead(student, room, admm, signals, batches, meta_batch, lr, opt)[0]
 
-            loss, ce = self.loss_ahead(student, room, admm, signals, batch, meta_batch, lr, opt)
+            loss, ce = self.loss_ahead(student, room, admm, signals, batches, meta_batch, lr, opt)
             for p, g in zip(params, antithetic_gradient(fitness, params, self.es_sigma, self.es_population)):
                 p.grad = g if p.grad is None else p.grad + g
         else:
-            loss, ce = self.objective(student, room, admm, signals, batch, meta_batch, lr, opt)
+            loss, ce = self.objective(student, room, admm, signals, batches, meta_batch, lr, opt)
             loss.backward(inputs=params)  # adds to the hypergradients of earlier meta steps, if any wait
             loss, ce = loss.item(), ce.item()
         self.pending += 1

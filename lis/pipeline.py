@@ -177,7 +177,8 @@ def _recipe(cfg: Config, student: nn.Module, room: Classroom, groups: list[Chann
                                 finetune_steps=m.finetune_steps, finetune_lr=cfg.finetune.lr, estimator=m.estimator,
                                 es_sigma=m.es_sigma, es_population=m.es_population)
     _, weights = kdp(student, room, groups, admm, policy, loaders.train, loaders.test, device, settings, log.log,
-                     meta_step=meta_step, meta_batches=loaders.meta, ckpt=ckpt)
+                     meta_step=meta_step, meta_batches=loaders.meta, ahead_batches=loaders.ahead,
+                     ckpt=ckpt)
     if name == "dean" and dist.is_main():
         atomic_save(policy.state_dict(), Path(cfg.run.dir) / cfg.run.name / "dean.pt")
     if name == "kd_only":

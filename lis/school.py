@@ -47,8 +47,10 @@ Log = Callable[[dict], None]
 class MetaStep(Protocol):
     """What the KDP loop needs of a meta learner (``lis.meta.MetaLearner``)."""
 
+    fresh_batches: int  #: training batches each call looks ahead on
+
     def __call__(self, student: nn.Module, opt: torch.optim.Optimizer, room: "Classroom", admm: ADMMState,
-                 signals: Signals, batch, meta_batch, device: torch.device) -> dict: ...
+                 signals: Signals, batches, meta_batch, device: torch.device) -> dict: ...
 
     def state_dict(self) -> dict: ...
 
@@ -225,6 +227,7 @@ def kdp(
     log: Log,
     meta_step: Optional[MetaStep] = None,
     meta_batches: Optional[DataLoader] = None,
+    ahead_batches: Optional[DataLoader] = None,
     ckpt: Optional[Checkpointer] = None,
 ) -> tuple[dict, Weights]:
     """Train ``student`` by ADMM prune-plus-distill.
@@ -232,9 +235,12 @@ def kdp(
     Returns the last epoch's test metrics and the policy's last weights (the
     fine-tuning phase keeps them).
 
-    ``meta_step(student, opt, room, admm, signals, batch, meta_batch, device)``
+    ``meta_step(student, opt, room, admm, signals, batches, meta_batch, device)``
     is called every ``s.meta_interval`` iterations when given (the dean's
-    ``lis.meta.MetaLearner``); it must not change the student. ``ckpt`` saves
+    ``lis.meta.MetaLearner``); it must not change the student. ``batches`` are
+    ``meta_step.fresh_batches`` fresh training batches from ``ahead_batches``
+    (the train split in an order of its own), or without it the batch just
+    trained on. ``ckpt`` saves
     the whole loop state (phase ``kdp``) at epoch ends, every
     ``checkpoint.every_iters`` iterations and on SIGINT/SIGTERM, and
     continues from a resumed one. A NaN or Inf in a loss, a gradient, the
@@ -248,13 +254,13 @@ def kdp(
     total = max(s.epochs * len(train), 1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     tracker = SignalTracker(len(groups), s.ema, device=device)
-    metrics, it, n_meta, first_epoch, first_batch = {}, 0, 0, 0, 0
+    metrics, it, n_meta, n_ahead, first_epoch, first_batch = {}, 0, 0, 0, 0, 0
 
     def state(epoch: int, batch: int) -> dict:
         return {**_snapshot("kdp", it, epoch, batch, s.lr, metrics, room, opt, sched),
                 "student": student.state_dict(), "admm": admm.state_dict(), "signals": tracker.current,
                 "policy": policy.state_dict(), "meta": meta_step.state_dict() if meta_step else None,
-                "meta_batches": n_meta}
+                "meta_batches": n_meta, "ahead_batches": n_ahead}
 
     resumed = ckpt.restore("kdp")
     if resumed is None:
@@ -266,10 +272,21 @@ def kdp(
         policy.load_state_dict(resumed["policy"])
         if meta_step is not None:
             meta_step.load_state_dict(resumed["meta"])
-        n_meta = resumed["meta_batches"]
+        n_meta, n_ahead = resumed["meta_batches"], resumed["ahead_batches"]
         metrics, it, first_epoch, first_batch = _restore(resumed, s.lr, room, opt, sched)
     rescale = getattr(policy, "learn_rho", False)  # only a dean that learns r_l changes it
     meta_iter = batches_from(meta_batches, n_meta) if meta_step is not None else None
+    ahead_iter = batches_from(ahead_batches, n_ahead) if meta_step is not None and ahead_batches else None
+
+    def ahead() -> list:
+        """The meta step's look-ahead batches: ``meta_step.fresh_batches`` fresh ones, or the batch just trained
+        on when there is no look-ahead loader."""
+        nonlocal n_ahead
+        if ahead_iter is None:
+            return [(x, y)]
+        n_ahead += meta_step.fresh_batches
+        return [(precision.inputs(a, device), b.to(device))
+                for a, b in (next(ahead_iter) for _ in range(meta_step.fresh_batches))]
     precision = s.precision
     precision.prepare(student, room.teacher[0])
     replica = dist.wrap(student)
@@ -332,7 +349,7 @@ def kdp(
                 meta = {}
                 if meta_step is not None and it % s.meta_interval == 0:
                     with precision.autocast(device):  # the unroll in the same precision as the real step
-                        meta = meta_step(student, opt, room, admm, tracker.state(), (x, y), next(meta_iter), device)
+                        meta = meta_step(student, opt, room, admm, tracker.state(), ahead(), next(meta_iter), device)
                     n_meta += 1
                     guard(where, {"the dean's meta loss": (torch.tensor(meta["meta_loss"]), None)})
                 # 7. the per-layer series
