@@ -16,6 +16,13 @@ Every ``meta.interval`` iterations:
    keeps the channels to be removed alive no longer looks free to the dean;
 4. an Adam step on phi.
 
+The hypergradients dL_meta/da_out, dL_meta/da_l and dL_meta/dr_l, the signal
+the dean learns from, are taken at the dean's output (the weights as leaves
+of the unroll) and passed on through the dean by the chain rule, so they cost
+no second backward; every meta step returns them for the log. With
+``measure=True`` the learner only measures them, for any policy (a fixed one
+included), and updates nothing.
+
 The real student's weights, optimizer state and BatchNorm statistics are not
 touched: the unroll works on copies of the weights, and BatchNorm buffers are
 restored after it.
@@ -39,7 +46,7 @@ from torch import nn
 
 from lis import dist
 from lis.admm import ADMMState, group_rows
-from lis.dean import Dean
+from lis.policy import Policy, Weights
 from lis.school import Classroom
 from lis.signals import Signals
 
@@ -118,32 +125,37 @@ def _masked(params: Params, admm: ADMMState) -> dict[str, torch.Tensor]:
 class MetaLearner:
     """Owns the dean's Adam optimizer and performs meta steps; called by the KDP loop."""
 
-    def __init__(self, dean: Dean, *, lr: float, unroll: int = 1, beta: float = 1.0, backend: str = "higher",
-                 objective: str = "ce"):
+    def __init__(self, dean: Policy, *, lr: float, unroll: int = 1, beta: float = 1.0, backend: str = "higher",
+                 objective: str = "ce", measure: bool = False):
+        """``measure=True``: ``dean`` may be any policy; its hypergradients are measured, nothing is updated."""
         if objective not in ("ce", "pruned_ce"):
             raise ValueError(f"objective must be 'ce' or 'pruned_ce', got {objective!r}")
         self.dean, self.unroll, self.beta, self.lr, self.meta_objective = dean, unroll, beta, lr, objective
         self.unroll_fn = BACKENDS[backend]
-        self.opt = torch.optim.Adam(dean.parameters(), lr=lr)
+        self.opt = None if measure else torch.optim.Adam(dean.parameters(), lr=lr)
 
     def state_dict(self) -> dict:
         """The optimizer's state (the dean's weights are the policy's ``state_dict``)."""
-        return {"opt": self.opt.state_dict()}
+        return {"opt": self.opt and self.opt.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state_dict()``, at this learner's own learning rate (a resume may lower it)."""
+        if self.opt is None:
+            return
         self.opt.load_state_dict(state["opt"])
         for group in self.opt.param_groups:
             group["lr"] = self.lr
 
     def objective(self, student: nn.Module, room: Classroom, admm: ADMMState, signals: Signals,
                   batch: tuple[torch.Tensor, torch.Tensor], meta_batch: tuple[torch.Tensor, torch.Tensor],
-                  lr: float, opt: Optional[torch.optim.Optimizer] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_meta, its CE part) as a differentiable function of the dean's parameters; the unroll steps
-        at ``lr`` through ``opt``'s update (``mirror``; None: plain SGD)."""
+                  lr: float, opt: Optional[torch.optim.Optimizer] = None,
+                  weights: Optional[Weights] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_meta, its CE part) as a differentiable function of the dean's parameters, or of ``weights``
+        when given (instead of the dean's); the unroll steps at ``lr`` through ``opt``'s update (``mirror``;
+        None: plain SGD)."""
         x, y = batch
         xm, ym = meta_batch
-        w = self.dean(signals)
+        w = self.dean(signals) if weights is None else weights
         with torch.no_grad():
             params = dict(student.named_parameters())
             w_norm2 = {g.name: group_rows(params, g).pow(2).sum().clamp_min(1e-12) for g in admm.groups}
@@ -174,13 +186,28 @@ class MetaLearner:
 
     def __call__(self, student: nn.Module, opt: torch.optim.Optimizer, room: Classroom, admm: ADMMState,
                  signals: Signals, batch, meta_batch, device: Optional[torch.device] = None) -> dict:
-        """One meta step; returns what to log (``meta_loss``, ``meta_ce``)."""
+        """One meta step; returns what to log: ``meta_loss``, ``meta_ce`` and the hypergradients
+        ``hg_alpha_out`` (dL_meta/da_out), ``hg_alpha`` and ``hg_rho`` (per layer, dL_meta/da_l, dL_meta/dr_l)."""
         lr = opt.param_groups[0]["lr"]
         if device is not None:
             meta_batch = tuple(t.to(device) for t in meta_batch)
-        loss, ce = self.objective(student, room, admm, signals, batch, meta_batch, lr, opt)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward(inputs=list(self.dean.parameters()))
-        dist.average_([p.grad for p in self.dean.parameters() if p.grad is not None])  # the same dean everywhere
-        self.opt.step()
-        return {"meta_loss": loss.item(), "meta_ce": ce.item()}
+        w = self.dean(signals)
+        outputs = (w.alpha_out, w.alpha, w.rho)
+        leaves = [t.detach().requires_grad_() for t in outputs]
+        loss, ce = self.objective(student, room, admm, signals, batch, meta_batch, lr, opt, Weights(*leaves))
+        hg = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+        if self.opt is not None:
+            # the chain rule through the dean: dL_meta/dphi = sum over its outputs of dL_meta/dw * dw/dphi
+            self.opt.zero_grad(set_to_none=True)
+            learned = [(o, g) for o, g in zip(outputs, hg) if o.requires_grad]  # r_l is constant without learn_rho
+            torch.autograd.backward([o for o, _ in learned], [g for _, g in learned],
+                                    inputs=list(self.dean.parameters()))
+            dist.average_([p.grad for p in self.dean.parameters() if p.grad is not None])  # the same dean everywhere
+            self.opt.step()
+        hg = [g.detach().clone() for g in hg]
+        dist.average_(hg)  # what the averaged dean update followed
+        # one copy to the host; float64 keeps float32 values exact
+        flat = torch.cat([t.detach().double().reshape(-1) for t in (loss, ce, *hg)]).tolist()
+        n = len(w.alpha)
+        return {"meta_loss": flat[0], "meta_ce": flat[1], "hg_alpha_out": flat[2], "hg_alpha": flat[3:3 + n],
+                "hg_rho": flat[3 + n:]}
