@@ -23,7 +23,7 @@ from lis import checkpoint, dist, models
 from lis.admm import ADMMState
 from lis.baselines import EXTERNAL, ONE_SHOT, l1_masks, reinit_, tp_group_norm
 from lis.checkpoint import Checkpointer, on_signals
-from lis.config import Config, check_dean_start, load_config, to_dict
+from lis.config import Config, check_dean_start, check_per_layer, load_config, to_dict
 from lis.data import MNIST1D_VARIANTS, Loaders, Splits, build_splits, make_loaders
 from lis.groups import ChannelGroup, CostModel, find_groups
 from lis.dean import create_dean
@@ -170,9 +170,9 @@ def _recipe(cfg: Config, student: nn.Module, room: Classroom, groups: list[Chann
                            admm_interval=cfg.admm.interval, signals_interval=cfg.signals.interval,
                            ema=cfg.signals.ema, meta_interval=cfg.meta.interval, precision=precision(cfg))
     meta_step = None
-    if name == "dean":
+    if name == "dean" or cfg.meta.measure:  # measure: the policy's hypergradients, nothing learned
         meta_step = MetaLearner(policy, lr=cfg.meta.lr, unroll=cfg.meta.unroll, beta=cfg.meta.beta,
-                                backend=cfg.meta.backend, objective=cfg.meta.objective)
+                                backend=cfg.meta.backend, objective=cfg.meta.objective, measure=cfg.meta.measure)
     _, weights = kdp(student, room, groups, admm, policy, loaders.train, loaders.test, device, settings, log.log,
                      meta_step=meta_step, meta_batches=loaders.meta, ckpt=ckpt)
     if name == "dean" and dist.is_main():
@@ -244,11 +244,13 @@ def run_compress(cfg: Config, inputs: Inputs, overwrite: bool = False, resume: b
     policy = build_policy(cfg).to(device)
     if cfg.run.sync_bn and device.type != "cuda":
         raise LISError("run.sync_bn=true needs GPUs (SyncBatchNorm does not run on CPU): set run.sync_bn=false")
-    if cfg.policy.name == "dean" and len(splits.meta) == 0:
-        raise LISError("the dean needs a meta split but data.meta_fraction=0 leaves none: set it to e.g. 0.1")
+    if (cfg.policy.name == "dean" or cfg.meta.measure) and len(splits.meta) == 0:
+        who = "the dean" if cfg.policy.name == "dean" else "meta.measure=true"
+        raise LISError(f"{who} needs a meta split but data.meta_fraction=0 leaves none: set it to e.g. 0.1")
     example = torch.zeros(2, *splits.input_shape, device=device)
-    plan((models.create(cfg.student.model, splits.num_classes) if cfg.student.model
-          else copy.deepcopy(inputs.architecture)).to(device), example, cfg)
+    student_groups, _ = plan((models.create(cfg.student.model, splits.num_classes) if cfg.student.model
+                              else copy.deepcopy(inputs.architecture)).to(device), example, cfg)
+    check_per_layer(cfg, [g.name for g in student_groups])
     state = checkpoint.load(Path(cfg.run.dir) / cfg.run.name) if resume else None
 
     with _run_dir(cfg, overwrite, resume) as run_dir, \

@@ -2,13 +2,19 @@
 ``meta.measure=true`` measures for a frozen policy."""
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from lis.config import load_config
 from lis.meta import MetaLearner
+from lis.pipeline import compress
 from lis.policy import FixedPolicy, Weights
 from tests.test_meta import setup
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def weights_of(policy, signals, dtype=torch.float64) -> Weights:
@@ -80,3 +86,43 @@ def test_the_dean_update_is_unchanged_by_taking_the_hypergradients(learn_rho):
         torch.testing.assert_close(p.grad, g if g is not None else torch.zeros_like(p), rtol=1e-10, atol=1e-14)
     assert out["meta_loss"] == pytest.approx(float(loss), rel=1e-12)
     assert len(out["hg_alpha"]) == len(out["hg_rho"]) == 2 and all(g != 0 for g in out["hg_rho"])
+
+
+TINY = ["tracking.wandb=disabled", "run.threads=1", "teacher.epochs=1", "kdp.epochs=1", "finetune.epochs=1",
+        "admm.interval=4", "signals.interval=1", "meta.interval=5", "policy.name=fixed"]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def measured_and_plain(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("measure")
+    dirs = []
+    for name, extra in (("plain", []), ("measured", ["meta.measure=true"])):
+        cfg = load_config(REPO / "experiments" / "digits.yaml", [*TINY, f"run.dir={root}", f"run.name={name}", *extra])
+        dirs.append(compress(cfg))
+    return dirs[0], dirs[1]
+
+
+def test_a_measurement_run_trains_the_student_exactly_as_a_plain_fixed_run(measured_and_plain):
+    """Bug caught: measuring the hypergradients changes training: BatchNorm statistics, optimizer state, the
+    student's gradients or the random stream touched by the meta step. Every logged number of the plain run
+    and the final pruned student must be identical, and the measurement must have logged per-layer values."""
+    plain, measured = measured_and_plain
+    meta_keys = {"meta_loss", "meta_ce", "hg_alpha_out", "hg_alpha", "hg_rho"}
+    hg = [r for r in records(measured) if "hg_alpha" in r]
+    assert len(hg) >= 3 and all(len(r["hg_alpha"]) == len(r["hg_rho"]) == 4 for r in hg)
+    assert len({r["hg_alpha"][0] for r in hg}) == len(hg)  # measured anew at every meta step
+    timing = ("wall_time_s", "time", "throughput")
+
+    def comparable(rs):  # the student's phases (the first run trained the teacher), every record logged
+        return [{k: v for k, v in r.items() if k not in meta_keys and not any(w in k for w in timing)}
+                for r in rs if r["phase"] in ("kdp", "finetune", "summary")]
+
+    assert comparable(records(measured)) == comparable(records(plain))
+    a, b = torch.load(plain / "student.pt", weights_only=False), torch.load(measured / "student.pt",
+                                                                          weights_only=False)
+    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), n
