@@ -5,9 +5,11 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from lis import plots
 from lis.config import load_config
 from lis.meta import MetaLearner
 from lis.pipeline import compress
@@ -84,7 +86,7 @@ def test_the_dean_update_is_unchanged_by_taking_the_hypergradients(learn_rho):
     out = learner(student, opt, room, admm, signals, batch, meta_batch)
     for p, g in zip(dean.parameters(), expected):
         torch.testing.assert_close(p.grad, g if g is not None else torch.zeros_like(p), rtol=1e-10, atol=1e-14)
-    assert out["meta_loss"] == pytest.approx(float(loss), rel=1e-12)
+    assert out["meta_loss"] == pytest.approx(float(loss.detach()), rel=1e-12)
     assert len(out["hg_alpha"]) == len(out["hg_rho"]) == 2 and all(g != 0 for g in out["hg_rho"])
 
 
@@ -126,3 +128,34 @@ def test_a_measurement_run_trains_the_student_exactly_as_a_plain_fixed_run(measu
                                                                           weights_only=False)
     for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), n
+
+
+def meta_record(it: int, hg_alpha: list, hg_rho: list, hg_alpha_out: float) -> dict:
+    return {"phase": "kdp", "iter": it, "epoch": 0, "alpha": [1.0, 1.0], "rho": [0.1, 0.1], "alpha_out": 1.0,
+            "meta_loss": 1.0, "hg_alpha": hg_alpha, "hg_rho": hg_rho, "hg_alpha_out": hg_alpha_out}
+
+
+def test_hypergradient_summary_by_hand():
+    """Bug caught: the standard error taken with the population std or without the sqrt(n), layers mixed up, or
+    the over-runs error taken over all meta steps pooled instead of over the runs' means."""
+    header = {"phase": "kdp", "iter": 0, "layer_names": ["a", "b"]}
+    one = plots.parse_records([header, meta_record(5, [1.0, -2.0], [0.0, 1.0], 0.5),
+                               {"phase": "kdp", "iter": 7, "epoch": 0, "alpha": [1.0, 1.0]},  # no meta step
+                               meta_record(10, [3.0, -4.0], [2.0, 1.0], 1.5)], "one")
+    two = plots.parse_records([header, meta_record(5, [5.0, 0.0], [1.0, 1.0], 0.0)], "two")
+    assert one.meta_steps.tolist() == [5, 10] and one.hg_alpha_out.tolist() == [0.5, 1.5]
+    means, errors, mean, se = plots.hypergradient_summary([one, two], "hg_alpha")
+    np.testing.assert_allclose(means, [[2.0, -3.0], [5.0, 0.0]])
+    np.testing.assert_allclose(errors[0], [1.0, 1.0])  # std (ddof 1) sqrt(2) over sqrt(2) meta steps
+    assert np.isnan(errors[1]).all()  # one meta step: no error
+    np.testing.assert_allclose(mean, [3.5, -1.5])
+    np.testing.assert_allclose(se, [1.5, 1.5])  # |2 - 5| / sqrt(2) / sqrt(2)
+
+
+def test_lis_plot_draws_the_hypergradients(measured_and_plain, tmp_path):
+    plain, measured = measured_and_plain
+    written = {p.name for p in plots.plot([measured, plain], tmp_path / "overlay")}
+    assert {"hypergradients.png", "hypergradients_per_layer.png"} <= written
+    assert (measured / "plots" / "hypergradients.png").is_file()
+    assert not (plain / "plots" / "hypergradients.png").exists()  # a plain run has none to draw
+    assert (tmp_path / "overlay" / "hypergradients_per_layer.png").is_file()
