@@ -143,12 +143,21 @@ def format_difference(diff: Mapping, a_label: str, b_label: str) -> str:
 # --- planning: labels, sweeps, validation ------------------------------------------------------------
 
 
+def split_top(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets, parts stripped, empty ones dropped:
+    ``"[0,1],[1,1],2"`` -> ``["[0,1]", "[1,1]", "2"]``."""
+    parts = re.split(r",(?![^\[]*\])", text)
+    return [p.strip() for p in parts if p.strip()]
+
+
 def parse_sweep(text: str) -> tuple[str, list[str]]:
-    """``"policy.alpha=0.5,1,2"`` -> ``("policy.alpha", ["0.5", "1", "2"])``; the key is checked by the caller."""
+    """``"policy.alpha=0.5,1,2"`` -> ``("policy.alpha", ["0.5", "1", "2"])``; a list (one value per layer) is one
+    value: ``"policy.alpha=[0,1,1,1],[1,1,1,1]"`` -> two values. The key is checked by the caller."""
     key, sep, raw = text.partition("=")
-    values = [v.strip() for v in raw.split(",") if v.strip()]
+    values = [v.replace(" ", "") for v in split_top(raw)]
     if not sep or not key.strip() or not values:
-        raise LISError(f"--sweep '{text}' is not of the form section.key=v1,v2,... (e.g. policy.alpha=0.5,1,2)")
+        raise LISError(f"--sweep '{text}' is not of the form section.key=v1,v2,... (e.g. policy.alpha=0.5,1,2 or, "
+                       f"per layer, policy.alpha=[0,1,1,1],[1,1,1,1])")
     return key.strip(), values
 
 
