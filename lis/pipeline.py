@@ -32,7 +32,7 @@ from lis.meta import MetaLearner
 from lis.plots import plot_run
 from lis.policy import Policy, Weights, create_policy
 from lis.prune import hard_prune
-from lis.report import format_summary, summarize, write_report
+from lis.report import format_summary, layer_spread, summarize, write_report
 from lis.run import (MetricsLog, NullLog, atomic_save, atomic_write_text, existing_run_dir, new_run_dir, resolve_device,
                      seed_everything)
 from lis.school import Classroom, KDPSettings, finetune, kdp
@@ -311,8 +311,11 @@ def run_compress(cfg: Config, inputs: Inputs, overwrite: bool = False, resume: b
         # the val split, whole and in order on every process: the accuracy to choose settings on
         val_acc = evaluate(small, DataLoader(splits.val, batch_size=cfg.data.batch_size), device)["acc"] \
             if len(splits.val) else None
+        # the policy's logged weights (metrics.jsonl, written by process 0 alone)
+        spread = layer_spread([json.loads(line) for line in log.path.read_text().splitlines()]) \
+            if dist.is_main() else None
         summary = summarize(cfg, teacher, small, splits.input_shape, teacher_acc, metrics["acc"], ckpt.elapsed(),
-                            layers, [g.num_channels for g in groups], kept, val_acc=val_acc)
+                            layers, [g.num_channels for g in groups], kept, val_acc=val_acc, spread=spread)
         log.log({"phase": "summary", **{k: v for k, v in summary.items() if not isinstance(v, (list, dict))}})
         if not dist.is_main():
             return run_dir

@@ -75,3 +75,12 @@ def test_a_sweep_over_lists_makes_one_run_per_list():
     assert len({cfg.run.name for *_, cfg, _ in runs}) == len(runs)
     # the bench turns the chosen label back into its overrides
     assert chosen_sweeps(fixed[1][0]) == ["policy.alpha=[0,1,1,1]", "policy.rho=[0.1,0.1,0.1,1]"]
+
+
+def test_a_runs_summary_has_the_layer_spread_of_its_logged_weights(scalar_and_list):
+    from lis.report import layer_spread
+
+    _, per_layer = scalar_and_list
+    summary = json.loads((per_layer / "summary.json").read_text())
+    records = [json.loads(line) for line in (per_layer / "metrics.jsonl").read_text().splitlines()]
+    assert summary["layer_spread"] == layer_spread(records) == {"alpha": 0.0, "log_rho": 0.0}
