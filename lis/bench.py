@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from lis import dist
-from lis.compare import DEAN, SWEPT, _plan, aggregate, compare, format_table, paired_difference, parse_sweep
+from lis.compare import (DEAN, SWEPT, _plan, aggregate, compare, format_table, paired_difference, parse_sweep,
+                         split_top)
 from lis.errors import LISError
 
 #: every policy the bench compares: the dean and every baseline that exists
@@ -54,7 +55,7 @@ def chosen_sweeps(label: str) -> list[str]:
     """``fixed[policy.alpha=1,policy.rho=0.1]`` -> ``["policy.alpha=1", "policy.rho=0.1"]``: the chosen setting as
     one-value sweeps, so that in the report stage it applies to the fixed policy only."""
     inner = label[label.index("[") + 1:-1] if "[" in label else ""
-    return [part for part in inner.split(",") if part]
+    return split_top(inner)
 
 
 def bench(config_path: str | Path, policies: Sequence[str] = POLICIES, select_seeds: Sequence[int] = SELECT_SEEDS,

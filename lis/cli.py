@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seeds, default="0,1,2", metavar="S1,S2,...",
                    help="run.seed values, comma-separated, ranges allowed: 0,1,2 or 0-9 (default: 0,1,2)")
     p.add_argument("--sweep", action="append", default=[], metavar="section.key=V1,V2,...",
-                   help="values to try for the fixed policy, each its own row; repeat for a grid")
+                   help="values to try for the fixed policy, each its own row; repeat for a grid. A list, one value "
+                        "per layer, is one value: policy.alpha=[0,1,1,1],[1,1,1,1]")
     p.add_argument("--name", default=None, help="comparison folder under run.dir (default: compare-<config stem>)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run N pairs at once, each in its own process (same results as N=1: each run has "

@@ -41,10 +41,10 @@ SWEPT = ("fixed",)
 SET_BY_COMPARE = {"policy.name": "--policies", "run.seed": "--seeds", "run.name": "--name"}
 #: per-run numbers of ``comparison.csv``, after label, policy and seed
 COLUMNS = ("student_acc", "val_acc", "teacher_acc", "params", "macs", "params_reduction", "macs_reduction",
-           "latency_ms", "wall_time_s")
+           "latency_ms", "wall_time_s", "layer_spread_alpha", "layer_spread_log_rho")
 #: what ``aggregate`` averages over seeds
 METRICS = ("student_acc", "val_acc", "params", "macs", "params_reduction", "macs_reduction", "latency_ms",
-           "wall_time_s")
+           "wall_time_s", "layer_spread_alpha", "layer_spread_log_rho")
 DEAN = "dean"
 
 
@@ -55,8 +55,9 @@ def aggregate(rows: Sequence[Mapping]) -> list[dict]:
     """Per label, in order of first appearance: ``label``, ``policy``, ``n`` (seeds), ``teacher_acc_mean``
     and ``<metric>_mean`` / ``<metric>_std`` for each of ``METRICS``.
 
-    The std is the sample std (n - 1); with one seed it is 0. Units are those of the rows
-    (accuracies as fractions).
+    The std is the sample std (n - 1); with one seed it is 0; both are NaN where a run's value is (a run without
+    a val split, or without a KDP phase for the layer spread). Units are those of the rows (accuracies as
+    fractions).
     """
     groups: dict[str, list[Mapping]] = {}
     for row in rows:
@@ -68,7 +69,10 @@ def aggregate(rows: Sequence[Mapping]) -> list[dict]:
         for m in METRICS:
             values = [float(r[m]) for r in group]
             agg[f"{m}_mean"] = statistics.fmean(values)
-            agg[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            if any(math.isnan(v) for v in values):  # a value a run does not have (no val split, no KDP phase)
+                agg[f"{m}_std"] = math.nan
+            else:
+                agg[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         out.append(agg)
     return out
 
@@ -115,8 +119,8 @@ def _pm(mean: float, std: float, digits: int) -> str:
 def format_table(aggregated: Sequence[Mapping]) -> str:
     """The aggregated comparison as a markdown table: mean ± std over seeds, accuracy in percent."""
     lines = ["| label | seeds | student accuracy (%) | val accuracy (%) | params | MACs | MACs reduction (%) "
-             "| latency (ms) | wall time (s) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| latency (ms) | wall time (s) | layer spread a_l | layer spread log r_l |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for a in aggregated:
         lines.append(
             f"| `{a['label']}` | {a['n']} | {_pm(100 * a['student_acc_mean'], 100 * a['student_acc_std'], 2)} "
@@ -124,7 +128,9 @@ def format_table(aggregated: Sequence[Mapping]) -> str:
             f"| {_count(a['params_mean'], a['params_std'])} | {_count(a['macs_mean'], a['macs_std'])} "
             f"| {_pm(100 * a['macs_reduction_mean'], 100 * a['macs_reduction_std'], 1)} "
             f"| {_pm(a['latency_ms_mean'], a['latency_ms_std'], 2)} "
-            f"| {_pm(a['wall_time_s_mean'], a['wall_time_s_std'], 1)} |")
+            f"| {_pm(a['wall_time_s_mean'], a['wall_time_s_std'], 1)} "
+            f"| {_pm(a['layer_spread_alpha_mean'], a['layer_spread_alpha_std'], 3)} "
+            f"| {_pm(a['layer_spread_log_rho_mean'], a['layer_spread_log_rho_std'], 3)} |")
     return "\n".join(lines)
 
 
@@ -143,12 +149,21 @@ def format_difference(diff: Mapping, a_label: str, b_label: str) -> str:
 # --- planning: labels, sweeps, validation ------------------------------------------------------------
 
 
+def split_top(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets, parts stripped, empty ones dropped:
+    ``"[0,1],[1,1],2"`` -> ``["[0,1]", "[1,1]", "2"]``."""
+    parts = re.split(r",(?![^\[]*\])", text)
+    return [p.strip() for p in parts if p.strip()]
+
+
 def parse_sweep(text: str) -> tuple[str, list[str]]:
-    """``"policy.alpha=0.5,1,2"`` -> ``("policy.alpha", ["0.5", "1", "2"])``; the key is checked by the caller."""
+    """``"policy.alpha=0.5,1,2"`` -> ``("policy.alpha", ["0.5", "1", "2"])``; a list (one value per layer) is one
+    value: ``"policy.alpha=[0,1,1,1],[1,1,1,1]"`` -> two values. The key is checked by the caller."""
     key, sep, raw = text.partition("=")
-    values = [v.strip() for v in raw.split(",") if v.strip()]
+    values = [v.replace(" ", "") for v in split_top(raw)]
     if not sep or not key.strip() or not values:
-        raise LISError(f"--sweep '{text}' is not of the form section.key=v1,v2,... (e.g. policy.alpha=0.5,1,2)")
+        raise LISError(f"--sweep '{text}' is not of the form section.key=v1,v2,... (e.g. policy.alpha=0.5,1,2 or, "
+                       f"per layer, policy.alpha=[0,1,1,1],[1,1,1,1])")
     return key.strip(), values
 
 
@@ -237,11 +252,14 @@ def row_from_summary(label: str, summary: Mapping) -> dict:
             "teacher_acc": summary["teacher_acc"],
             "params": summary["params"]["student"], "macs": summary["macs"]["student"],
             "params_reduction": summary["params_reduction"], "macs_reduction": summary["macs_reduction"],
-            "latency_ms": summary["latency_ms"]["student"], "wall_time_s": summary["wall_time_s"]}
+            "latency_ms": summary["latency_ms"]["student"], "wall_time_s": summary["wall_time_s"],
+            # runs written before the layer spread existed have none
+            **{f"layer_spread_{k}": _or_nan((summary.get("layer_spread") or {}).get(k))
+               for k in ("alpha", "log_rho")}}
 
 
 def _or_nan(value) -> float:
-    """A summary's ``val_acc``: null (a run without a val split) is NaN in the tables."""
+    """A summary's ``val_acc`` or layer spread: null (a run without a val split, without KDP) is NaN in the tables."""
     return math.nan if value is None else value
 
 

@@ -15,7 +15,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
@@ -119,9 +119,13 @@ class PruneConfig:
 @dataclass
 class PolicyConfig:
     name: str = "dean"  #: dean | fixed | prune_only | ...
-    alpha: float = 1.0  #: fixed a_l: per-layer feature-distillation weight
+    #: fixed a_l: feature-distillation weight, one number for every layer or a list of one per channel group
+    #: (in depth order; the dean starts from one number)
+    alpha: Any = 1.0
     alpha_out: float = 1.0  #: fixed a_out: logit-distillation weight
-    rho: float = 0.1  #: fixed r_l: ADMM penalty weight (lr * rho * admm.interval of order 0.1-1, docs/design.md 2)
+    #: fixed r_l: ADMM penalty weight (lr * rho * admm.interval of order 0.1-1, docs/design.md 2), one number or a
+    #: list of one per channel group, like alpha
+    rho: Any = 0.1
     dean_checkpoint: Optional[str] = None  #: start the dean from a trained one
     a_max: float = 2.0  #: the dean's a_l and a_out lie in [0, a_max]; it starts at alpha, alpha_out inside (0, a_max)
     r_min: float = 1.0e-4  #: the dean's r_l lie in [r_min, r_max] (log scale); it starts at rho inside (r_min, r_max)
@@ -151,6 +155,9 @@ class MetaConfig:
     estimator: str = "hypergradient"  #: hypergradient: backpropagate through the unroll | es: evolution strategies
     es_sigma: float = 0.01  #: es: standard deviation of the perturbations of the dean's parameters
     es_population: int = 8  #: es: evaluations per meta step (antithetic pairs: even)
+    #: true: the policy is not meta-learned; its hypergradients are measured at every meta step and logged (a fixed
+    #: policy's, or a frozen dean's), the student trains as without
+    measure: bool = False
 
 
 @dataclass
@@ -201,6 +208,12 @@ CHOICES = {
     "run.amp": ("off", "bf16"),
 }
 
+def _per_layer(value: Any, ok: Callable[[float], bool]) -> bool:
+    """Whether ``value`` is a finite number, or a non-empty list of them, that ``ok`` accepts (bools are not)."""
+    values = value if isinstance(value, list) and value else [value]
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v) for v in values)
+
+
 # (key, test, what the value must be)
 RANGES = [
     ("run.threads", lambda v: v is None or v >= 1, "an integer >= 1 or null"),
@@ -233,9 +246,9 @@ RANGES = [
     ("prune.target_macs_reduction", lambda v: v is None or 0.0 < v < 1.0, "a fraction in (0, 1) or null"),
     ("prune.target_params_reduction", lambda v: v is None or 0.0 < v < 1.0, "a fraction in (0, 1) or null"),
     ("prune.min_keep_ratio", lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]"),
-    ("policy.alpha", lambda v: v >= 0, "a number >= 0"),
+    ("policy.alpha", lambda v: _per_layer(v, lambda x: x >= 0), "a number >= 0 or a list of them, one per layer"),
     ("policy.alpha_out", lambda v: v >= 0, "a number >= 0"),
-    ("policy.rho", lambda v: v >= 0, "a number >= 0"),
+    ("policy.rho", lambda v: _per_layer(v, lambda x: x >= 0), "a number >= 0 or a list of them, one per layer"),
     ("policy.a_max", lambda v: v > 0, "a positive number"),
     ("policy.r_min", lambda v: v > 0, "a positive number"),
     ("policy.r_max", lambda v: v > 0, "a positive number"),
@@ -375,9 +388,12 @@ def validate(cfg: Config) -> None:
     if cfg.data.meta_fraction + cfg.data.val_fraction >= 1.0:
         raise ConfigError(f"data.meta_fraction={cfg.data.meta_fraction} and data.val_fraction="
                           f"{cfg.data.val_fraction} leave no training set: their sum must be below 1")
-    if cfg.run.sync_bn and cfg.policy.name == "dean":
-        raise ConfigError("run.sync_bn=true cannot run the dean (its meta step differentiates through BatchNorm's "
-                          "backward, which SyncBatchNorm has no derivative of): set run.sync_bn=false")
+    if cfg.meta.measure and cfg.policy.name in ("l1_prune", "scratch", "tp_group_norm"):
+        raise ConfigError(f"meta.measure=true measures hypergradients during KDP, which policy.name="
+                          f"{cfg.policy.name} does not run: use it with dean, fixed, prune_only or kd_only")
+    if cfg.run.sync_bn and (cfg.policy.name == "dean" or cfg.meta.measure):
+        raise ConfigError("run.sync_bn=true cannot run the dean or meta.measure (a meta step differentiates through "
+                          "BatchNorm's backward, which SyncBatchNorm has no derivative of): set run.sync_bn=false")
     parts = cfg.run.name.split("/")
     if len(parts) > 2 or any(p in ("", ".", "..") for p in parts) or (len(parts) == 2 and parts[0] == "teachers"):
         raise ConfigError(f"run.name={cfg.run.name!r} must be a plain folder name, or <comparison>/<run> for a run "
@@ -399,6 +415,10 @@ def check_dean_start(cfg: Config) -> None:
     start outside them (clamping it would give another constant, with the sigmoid saturated). Checked when
     the dean is built: the same constants are free for the fixed-weight policies."""
     p, learn_rho = cfg.policy, cfg.meta.learn_rho
+    for key in ("alpha", "rho"):
+        if isinstance(getattr(p, key), list):
+            raise ConfigError(f"policy.{key}={getattr(p, key)} is a list, but a fresh dean starts from one number "
+                              f"for every layer (it sets per-layer weights itself): give one number")
     if not p.r_min < p.r_max:
         raise ConfigError(f"policy.r_min={p.r_min} must be below policy.r_max={p.r_max}: swap or fix them")
     for key, value in (("alpha", p.alpha), ("alpha_out", p.alpha_out)):
@@ -408,6 +428,16 @@ def check_dean_start(cfg: Config) -> None:
     if learn_rho and not p.r_min < p.rho < p.r_max:
         raise ConfigError(f"policy.rho={p.rho} is outside (policy.r_min={p.r_min}, policy.r_max={p.r_max}), where "
                           f"a fresh dean can start: pick a value inside or widen the range")
+
+
+def check_per_layer(cfg: Config, layers: Sequence[str]) -> None:
+    """Refuse a per-layer ``policy.alpha`` or ``policy.rho`` whose length is not the number of the student's channel
+    groups ``layers`` (in depth order): known only once the model is built, before anything is written."""
+    for key in ("alpha", "rho"):
+        value = getattr(cfg.policy, key)
+        if isinstance(value, list) and len(value) != len(layers):
+            raise ConfigError(f"policy.{key} has {len(value)} values but the student has {len(layers)} channel groups "
+                              f"({', '.join(layers)}): give one number, or one per group in this order")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: Optional[Config] = None) -> Config:
@@ -436,8 +466,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         raise ConfigError(f"{key}={e.value!r} has the wrong type: it must be {_type_name(key)}") from None
     except (ConfigKeyError, OmegaConfBaseException) as e:
         raise ConfigError(f"invalid config: {str(e).splitlines()[0]}") from None
+    for key in ("alpha", "rho"):  # typed Any (a number or a list): numbers as a float field would give them
+        setattr(cfg.policy, key, _floats(getattr(cfg.policy, key)))
     validate(cfg)
     return cfg
+
+
+def _floats(value: Any) -> Any:
+    """Numbers, numeric strings ('1e-3', which YAML reads as a string) and lists of them as floats; else
+    ``value`` as it is, for ``validate`` to refuse."""
+    if isinstance(value, list):
+        return [_floats(v) for v in value]
+    if isinstance(value, bool):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
 
 
 def to_yaml(cfg: Config) -> str:

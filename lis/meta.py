@@ -26,6 +26,13 @@ Every ``meta.interval`` iterations:
 first are plain steps, ``advance``); ``estimator="es"`` estimates the
 gradient by evolution strategies (``lis.es``) instead of backpropagation.
 
+The hypergradients dL_meta/da_out, dL_meta/da_l and dL_meta/dr_l, the signal
+the dean learns from, are taken at the dean's output (the weights as leaves
+of the unroll) and passed on through the dean by the chain rule, so they cost
+no second backward; every meta step returns them for the log. With
+``measure=True`` the learner only measures them, for any policy (a fixed one
+included), and updates nothing.
+
 The real student's weights, optimizer state and BatchNorm statistics are not
 touched: the unroll works on copies of the weights, and BatchNorm buffers are
 restored after it.
@@ -51,9 +58,8 @@ from torch import nn
 
 from lis import dist
 from lis.admm import ADMMState, group_rows
-from lis.dean import Dean
 from lis.es import antithetic_gradient
-from lis.policy import Weights
+from lis.policy import Policy, Weights
 from lis.school import Classroom
 from lis.signals import Signals
 
@@ -169,10 +175,11 @@ class MetaLearner:
     antithetic evolution strategies (``lis.es``) on L_meta after ``unroll`` plain steps, ``es_population``
     evaluations at ``es_sigma``, instead of backpropagation."""
 
-    def __init__(self, dean: Dean, *, lr: float, unroll: int = 1, beta: float = 1.0, backend: str = "higher",
+    def __init__(self, dean: Policy, *, lr: float, unroll: int = 1, beta: float = 1.0, backend: str = "higher",
                  objective: str = "ce", truncate: Optional[int] = None, accumulate: int = 1,
                  finetune_steps: int = 0, finetune_lr: float = 0.01, estimator: str = "hypergradient",
-                 es_sigma: float = 0.01, es_population: int = 8):
+                 es_sigma: float = 0.01, es_population: int = 8, measure: bool = False):
+        """``measure=True``: ``dean`` may be any policy; its hypergradients are measured, nothing is updated."""
         if objective not in ("ce", "pruned_ce"):
             raise ValueError(f"objective must be 'ce' or 'pruned_ce', got {objective!r}")
         if finetune_steps and objective != "pruned_ce":
@@ -182,17 +189,19 @@ class MetaLearner:
         self.accumulate, self.finetune_steps, self.finetune_lr = accumulate, finetune_steps, finetune_lr
         self.estimator, self.es_sigma, self.es_population = estimator, es_sigma, es_population
         self.unroll_fn = BACKENDS[backend]
-        self.opt = torch.optim.Adam(dean.parameters(), lr=lr)
+        self.opt = None if measure else torch.optim.Adam(dean.parameters(), lr=lr)
         self.pending = 0  # meta steps whose hypergradients wait in the dean's .grad
 
     def state_dict(self) -> dict:
         """The optimizer's state and the hypergradients accumulated so far (the dean's weights are the
         policy's ``state_dict``)."""
-        return {"opt": self.opt.state_dict(), "pending": self.pending,
+        return {"opt": self.opt and self.opt.state_dict(), "pending": self.pending,
                 "grads": [p.grad for p in self.dean.parameters()]}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state_dict()``, at this learner's own learning rate (a resume may lower it)."""
+        if self.opt is None:  # a measurement learns nothing
+            return
         self.opt.load_state_dict(state["opt"])
         for group in self.opt.param_groups:
             group["lr"] = self.lr
@@ -247,13 +256,14 @@ class MetaLearner:
 
     def objective(self, student: nn.Module, room: Classroom, admm: ADMMState, signals: Signals,
                   batches: Batches, meta_batch: tuple[torch.Tensor, torch.Tensor],
-                  lr: float, opt: Optional[torch.optim.Optimizer] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_meta, its CE part) as a differentiable function of the dean's parameters; the unroll steps
-        at ``lr`` through ``opt``'s update (``mirror``; None: plain SGD), backpropagated through its last
-        ``truncate`` steps."""
+                  lr: float, opt: Optional[torch.optim.Optimizer] = None,
+                  weights: Optional[Weights] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_meta, its CE part) as a differentiable function of the dean's parameters, or of ``weights``
+        when given (instead of the dean's); the unroll steps at ``lr`` through ``opt``'s update (``mirror``;
+        None: plain SGD), backpropagated through its last ``truncate`` steps."""
         inner, parts = mirror(student, opt, lr), {}
-        step_loss, meta_loss = self._losses(student, room, admm, self.dean(signals), batches, meta_batch, inner,
-                                            parts)
+        w = self.dean(signals) if weights is None else weights
+        step_loss, meta_loss = self._losses(student, room, admm, w, batches, meta_batch, inner, parts)
         buffers = {n: b.clone() for n, b in student.named_buffers()}
         try:
             start = student
@@ -280,30 +290,48 @@ class MetaLearner:
 
     def __call__(self, student: nn.Module, opt: torch.optim.Optimizer, room: Classroom, admm: ADMMState,
                  signals: Signals, batches: Batches, meta_batch, device: Optional[torch.device] = None) -> dict:
-        """One meta step (the dean's update every ``accumulate`` of them); returns what to log (``meta_loss``,
-        ``meta_ce``)."""
+        """One meta step (the dean's update every ``accumulate`` of them); returns what to log: ``meta_loss``,
+        ``meta_ce`` and, with the hypergradient estimator, the hypergradients ``hg_alpha_out`` (dL_meta/da_out),
+        ``hg_alpha`` and ``hg_rho`` (per layer, dL_meta/da_l, dL_meta/dr_l)."""
         lr = opt.param_groups[0]["lr"]
         if device is not None:
             meta_batch = tuple(t.to(device) for t in meta_batch)
-        params = list(self.dean.parameters())
+        params, hg = list(self.dean.parameters()), []
         if self.estimator == "es":
             def fitness() -> float:
                 return self.loss_ahead(student, room, admm, signals, batches, meta_batch, lr, opt)[0]
 
-            loss, ce = self.loss_ahead(student, room, admm, signals, batches, meta_batch, lr, opt)
-            for p, g in zip(params, antithetic_gradient(fitness, params, self.es_sigma, self.es_population)):
-                p.grad = g if p.grad is None else p.grad + g
+            loss, ce = map(torch.tensor, self.loss_ahead(student, room, admm, signals, batches, meta_batch, lr, opt))
+            if self.opt is not None:
+                for p, g in zip(params, antithetic_gradient(fitness, params, self.es_sigma, self.es_population)):
+                    p.grad = g if p.grad is None else p.grad + g
         else:
-            loss, ce = self.objective(student, room, admm, signals, batches, meta_batch, lr, opt)
-            loss.backward(inputs=params)  # adds to the hypergradients of earlier meta steps, if any wait
-            loss, ce = loss.item(), ce.item()
-        self.pending += 1
-        if self.pending == self.accumulate:
-            grads = [p.grad for p in params if p.grad is not None]
-            for g in grads:
-                g.div_(self.accumulate)
-            dist.average_(grads)  # the same dean everywhere
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.pending = 0
-        return {"meta_loss": loss, "meta_ce": ce}
+            w = self.dean(signals)
+            outputs = (w.alpha_out, w.alpha, w.rho)
+            leaves = [t.detach().requires_grad_() for t in outputs]
+            loss, ce = self.objective(student, room, admm, signals, batches, meta_batch, lr, opt, Weights(*leaves))
+            hg = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+            if self.opt is not None:
+                # the chain rule through the dean: dL_meta/dphi = sum over its outputs of dL_meta/dw * dw/dphi,
+                # added to the hypergradients of earlier meta steps, if any wait
+                learned = [(o, g) for o, g in zip(outputs, hg) if o.requires_grad]  # r_l is constant without learn_rho
+                torch.autograd.backward([o for o, _ in learned], [g for _, g in learned], inputs=params)
+            hg = [g.detach().clone() for g in hg]
+            dist.average_(hg)  # what the averaged dean update followed
+        if self.opt is not None:
+            self.pending += 1
+            if self.pending == self.accumulate:
+                grads = [p.grad for p in params if p.grad is not None]
+                for g in grads:
+                    g.div_(self.accumulate)
+                dist.average_(grads)  # the same dean everywhere
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.pending = 0
+        # one copy to the host; float64 keeps float32 values exact
+        flat = torch.cat([t.detach().double().reshape(-1) for t in (loss, ce, *hg)]).tolist()
+        record = {"meta_loss": flat[0], "meta_ce": flat[1]}
+        if hg:
+            n = len(hg[1])
+            record.update(hg_alpha_out=flat[2], hg_alpha=flat[3:3 + n], hg_rho=flat[3 + n:])
+        return record

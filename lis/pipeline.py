@@ -23,7 +23,7 @@ from lis import checkpoint, dist, models
 from lis.admm import ADMMState
 from lis.baselines import EXTERNAL, ONE_SHOT, l1_masks, reinit_, tp_group_norm
 from lis.checkpoint import Checkpointer, on_signals
-from lis.config import Config, check_dean_start, load_config, to_dict
+from lis.config import Config, check_dean_start, check_per_layer, load_config, to_dict
 from lis.data import MNIST1D_VARIANTS, Loaders, Splits, build_splits, make_loaders
 from lis.groups import ChannelGroup, CostModel, find_groups
 from lis.dean import create_dean
@@ -32,7 +32,7 @@ from lis.meta import MetaLearner
 from lis.plots import plot_run
 from lis.policy import Policy, Weights, create_policy
 from lis.prune import hard_prune
-from lis.report import format_summary, summarize, write_report
+from lis.report import format_summary, layer_spread, summarize, write_report
 from lis.run import (MetricsLog, NullLog, atomic_save, atomic_write_text, existing_run_dir, new_run_dir, resolve_device,
                      seed_everything)
 from lis.school import Classroom, KDPSettings, finetune, kdp
@@ -170,12 +170,12 @@ def _recipe(cfg: Config, student: nn.Module, room: Classroom, groups: list[Chann
                            admm_interval=cfg.admm.interval, signals_interval=cfg.signals.interval,
                            ema=cfg.signals.ema, meta_interval=cfg.meta.interval, precision=precision(cfg))
     meta_step = None
-    if name == "dean":
+    if name == "dean" or cfg.meta.measure:  # measure: the policy's hypergradients, nothing learned
         m = cfg.meta
         meta_step = MetaLearner(policy, lr=m.lr, unroll=m.unroll, beta=m.beta, backend=m.backend,
                                 objective=m.objective, truncate=m.truncate, accumulate=m.accumulate,
                                 finetune_steps=m.finetune_steps, finetune_lr=cfg.finetune.lr, estimator=m.estimator,
-                                es_sigma=m.es_sigma, es_population=m.es_population)
+                                es_sigma=m.es_sigma, es_population=m.es_population, measure=m.measure)
     _, weights = kdp(student, room, groups, admm, policy, loaders.train, loaders.test, device, settings, log.log,
                      meta_step=meta_step, meta_batches=loaders.meta, ahead_batches=loaders.ahead,
                      ckpt=ckpt)
@@ -248,11 +248,13 @@ def run_compress(cfg: Config, inputs: Inputs, overwrite: bool = False, resume: b
     policy = build_policy(cfg).to(device)
     if cfg.run.sync_bn and device.type != "cuda":
         raise LISError("run.sync_bn=true needs GPUs (SyncBatchNorm does not run on CPU): set run.sync_bn=false")
-    if cfg.policy.name == "dean" and len(splits.meta) == 0:
-        raise LISError("the dean needs a meta split but data.meta_fraction=0 leaves none: set it to e.g. 0.1")
+    if (cfg.policy.name == "dean" or cfg.meta.measure) and len(splits.meta) == 0:
+        who = "the dean" if cfg.policy.name == "dean" else "meta.measure=true"
+        raise LISError(f"{who} needs a meta split but data.meta_fraction=0 leaves none: set it to e.g. 0.1")
     example = torch.zeros(2, *splits.input_shape, device=device)
-    plan((models.create(cfg.student.model, splits.num_classes) if cfg.student.model
-          else copy.deepcopy(inputs.architecture)).to(device), example, cfg)
+    student_groups, _ = plan((models.create(cfg.student.model, splits.num_classes) if cfg.student.model
+                              else copy.deepcopy(inputs.architecture)).to(device), example, cfg)
+    check_per_layer(cfg, [g.name for g in student_groups])
     state = checkpoint.load(Path(cfg.run.dir) / cfg.run.name) if resume else None
 
     with _run_dir(cfg, overwrite, resume) as run_dir, \
@@ -313,8 +315,11 @@ def run_compress(cfg: Config, inputs: Inputs, overwrite: bool = False, resume: b
         # the val split, whole and in order on every process: the accuracy to choose settings on
         val_acc = evaluate(small, DataLoader(splits.val, batch_size=cfg.data.batch_size), device)["acc"] \
             if len(splits.val) else None
+        # the policy's logged weights (metrics.jsonl, written by process 0 alone)
+        spread = layer_spread([json.loads(line) for line in log.path.read_text().splitlines()]) \
+            if dist.is_main() else None
         summary = summarize(cfg, teacher, small, splits.input_shape, teacher_acc, metrics["acc"], ckpt.elapsed(),
-                            layers, [g.num_channels for g in groups], kept, val_acc=val_acc)
+                            layers, [g.num_channels for g in groups], kept, val_acc=val_acc, spread=spread)
         log.log({"phase": "summary", **{k: v for k, v in summary.items() if not isinstance(v, (list, dict))}})
         if not dist.is_main():
             return run_dir

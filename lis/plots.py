@@ -33,7 +33,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -48,6 +48,9 @@ from lis.errors import LISError
 
 #: per-layer series of the KDP step records, each (T, L) in a ``Run``
 SERIES = ("distillability", "sparsity", "admm_gap", "keep_ratio", "alpha", "rho")
+#: per-layer hypergradients of the meta step records, each (M, L) in a ``Run``: dL_meta/da_l, dL_meta/dr_l
+HYPERGRADIENTS = ("hg_alpha", "hg_rho")
+HG_LABELS = {"hg_alpha": "dL_meta/da_l", "hg_rho": "dL_meta/dr_l"}
 DISTILLABILITY_LABEL = "cos(grad KD, grad CE)"
 #: lines get a legend up to this many layers; beyond it, a colorbar of depth
 MAX_LEGEND = 10
@@ -69,7 +72,10 @@ class Run:
     of ``teacher`` / ``kdp`` / ``finetune`` (1-based epochs, fractions).
     ``total_iters`` is the KDP phase's planned length in iterations (the
     x-axis of training progress). ``summary`` and ``config`` are the run's
-    ``summary.json`` and ``config.yaml``, or None when absent.
+    ``summary.json`` and ``config.yaml``, or None when absent. ``meta_steps``
+    (M,) are the iterations of the meta step records, ``hypergradients[key]``
+    (M, L) their per-layer hypergradients (keys of ``HYPERGRADIENTS``, when
+    logged) and ``hg_alpha_out`` (M,) dL_meta/da_out.
     """
 
     name: str
@@ -83,6 +89,9 @@ class Run:
     summary: Optional[dict] = None
     config: Optional[dict] = None
     dir: Optional[Path] = None
+    meta_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    hypergradients: dict[str, np.ndarray] = field(default_factory=dict)
+    hg_alpha_out: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def policy(self) -> str:
@@ -112,6 +121,9 @@ def parse_records(records: Sequence[dict], name: str = "", summary: Optional[dic
         if any(key in r for r in steps):
             series[key] = np.array([r.get(key, [math.nan] * n_layers) for r in steps], dtype=float).reshape(
                 len(steps), n_layers)
+    meta = [r for r in kdp if "hg_alpha" in r]
+    hypergradients = {key: np.array([r[key] for r in meta], dtype=float).reshape(len(meta), n_layers)
+                      for key in HYPERGRADIENTS if meta}
     test_acc = {}
     for phase in ("teacher", "kdp", "finetune"):
         ends = [r for r in records if r.get("phase") == phase and "test_acc" in r]
@@ -126,7 +138,9 @@ def parse_records(records: Sequence[dict], name: str = "", summary: Optional[dic
         alpha_out=np.array([r.get("alpha_out", math.nan) for r in steps], dtype=float),
         test_acc=test_acc,
         total_iters=_total_iters(kdp, steps, config),
-        summary=summary, config=config, dir=run_dir)
+        summary=summary, config=config, dir=run_dir,
+        meta_steps=np.array([r["iter"] for r in meta], dtype=int), hypergradients=hypergradients,
+        hg_alpha_out=np.array([r["hg_alpha_out"] for r in meta], dtype=float))
 
 
 def _total_iters(kdp: Sequence[dict], steps: Sequence[dict], config: Optional[dict]) -> int:
@@ -184,6 +198,22 @@ def mean_weights(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     """``(progress (T,), a_out (T,), a_l averaged over layers (T,), r_l averaged over layers (T,))``."""
     return (progress(run), run.alpha_out, np.nanmean(run.series["alpha"], axis=1),
             np.nanmean(run.series["rho"], axis=1))
+
+
+def mean_and_se(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error (sample std / sqrt(n)) over the first axis; the error is NaN for n < 2."""
+    n = len(values)
+    mean = values.mean(axis=0)
+    return mean, values.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else np.full_like(mean, math.nan)
+
+
+def hypergradient_summary(runs: Sequence[Run], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per layer, of the hypergradient ``key`` (one of ``HYPERGRADIENTS``): ``(means (R, L), errors (R, L))``,
+    each run's mean and standard error over its meta steps, and ``(mean (L,), error (L,))`` over the runs of
+    their means (the error NaN for one run). The runs must share their layers."""
+    per_run = [mean_and_se(r.hypergradients[key]) for r in runs]
+    means, errors = np.array([m for m, _ in per_run]), np.array([e for _, e in per_run])
+    return (means, errors, *mean_and_se(means))
 
 
 def kept_channels(run: Run) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -261,15 +291,24 @@ def _lines(fig: Figure, ax, x: np.ndarray, values: np.ndarray, names: Sequence[s
 def draw_distillability_heatmap(fig: Figure, ax, run: Run) -> None:
     """Layers (rows, input side on top) x iteration, diverging colours centred at 0 on [-1, 1]."""
     iters, d = layer_series(run, "distillability")
+    draw_layer_heatmap(fig, ax, run, iters, d, DISTILLABILITY_LABEL, bound=1.0)
+    ax.set_ylabel("layer (channel group)")
+
+
+def draw_layer_heatmap(fig: Figure, ax, run: Run, iters: np.ndarray, values: np.ndarray, label: str,
+                       bound: Optional[float] = None) -> None:
+    """Layers (rows, input side on top) x iteration of a signed per-layer series (T, L), diverging colours
+    centred at 0 on [-bound, bound] (None: the largest magnitude)."""
     x = iters if len(iters) > 1 else np.array([iters[0] - 0.5, iters[0] + 0.5])
-    z = d.T if len(iters) > 1 else np.repeat(d.T, 2, axis=1)
+    z = values.T if len(iters) > 1 else np.repeat(values.T, 2, axis=1)
+    if bound is None:
+        bound = float(np.nanmax(np.abs(values))) or 1.0
     mesh = ax.pcolormesh(x, np.arange(len(run.layer_names)), np.ma.masked_invalid(z), cmap="RdBu_r",
-                         vmin=-1.0, vmax=1.0, shading="nearest")
+                         vmin=-bound, vmax=bound, shading="nearest")
     ax.set_yticks(np.arange(len(run.layer_names)), run.layer_names, fontsize="small")
     ax.invert_yaxis()
     ax.set_xlabel("KDP iteration")
-    ax.set_ylabel("layer (channel group)")
-    fig.colorbar(mesh, ax=ax, label=DISTILLABILITY_LABEL)
+    fig.colorbar(mesh, ax=ax, label=label)
 
 
 def _label_series(ax, run: Run, ylabel: str, title: str) -> None:
@@ -295,7 +334,9 @@ def plot_run(run_dir: str | os.PathLike, out_dir: Optional[str | os.PathLike] = 
 
     ``distillability_heatmap.png``, ``distillability_lines.png`` (``layers``, by
     default first, middle and last), ``sparsity.png``, ``admm_gap.png``,
-    ``weights.png`` (a_l, r_l on a log axis, a_out) and ``kept_channels.png``;
+    ``weights.png`` (a_l, r_l on a log axis, a_out), ``kept_channels.png``,
+    ``hypergradients.png`` (dL_meta/da_l and dL_meta/dr_l, layers x meta steps)
+    and ``hypergradients_per_layer.png`` (their mean ± standard error over the meta steps);
     a figure whose data the run lacks (no KDP phase, no summary yet) is left out.
     """
     run = read_run(run_dir)
@@ -356,6 +397,29 @@ def plot_run(run_dir: str | os.PathLike, out_dir: Optional[str | os.PathLike] = 
         axes[0].set_title(f"{run.label}: the policy's weights", fontsize="medium")
         written.append(_save(fig, out / "weights.png"))
 
+    if run.hypergradients and len(run.meta_steps):
+        fig, axes = _figure(6.4, 2.4 + 0.56 * L, len(HYPERGRADIENTS), 1, sharex=True)
+        for ax, key in zip(axes, HYPERGRADIENTS):
+            draw_layer_heatmap(fig, ax, run, run.meta_steps, run.hypergradients[key], HG_LABELS[key])
+        axes[0].set_title(f"{run.label}: hypergradients per layer at each meta step (red: the meta objective "
+                          f"asks for less)", fontsize="small")
+        axes[0].set_xlabel("")
+        written.append(_save(fig, out / "hypergradients.png"))
+
+        fig, axes = _figure(6.4, 5.6, len(HYPERGRADIENTS), 1, sharex=True)
+        for ax, key in zip(axes, HYPERGRADIENTS):
+            mean, se = mean_and_se(run.hypergradients[key])
+            ax.bar(np.arange(L), mean, yerr=np.nan_to_num(se), color="C0", capsize=3)
+            ax.axhline(0.0, color="black", linewidth=0.6)
+            ax.set_ylabel(f"{HG_LABELS[key]}\nmean ± s.e.")
+            ax.grid(alpha=0.3, axis="y")
+        axes[-1].set_xticks(np.arange(L), names, rotation=45 if L > 6 else 0, ha="right" if L > 6 else "center",
+                            fontsize="small")
+        axes[-1].set_xlabel("layer (channel group)")
+        axes[0].set_title(f"{run.label}: hypergradients over {len(run.meta_steps)} meta steps "
+                          f"(dL_meta/da_out: {np.mean(run.hg_alpha_out):+.3g})", fontsize="small")
+        written.append(_save(fig, out / "hypergradients_per_layer.png"))
+
     if run.summary is not None and "channels" in run.summary:
         names_k, before, after = kept_channels(run)
         x = np.arange(len(names_k))
@@ -388,7 +452,9 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike)
     mean r_l against training progress, one colour per run (what did each
     seed's dean learn?); ``acc_vs_macs.png``: student accuracy (%) against MACs,
     one point per run coloured by policy, a policy's mean ± std where it has
-    several runs, and the teacher(s) as grey stars.
+    several runs, and the teacher(s) as grey stars; ``hypergradients_per_layer.png``:
+    dL_meta/da_l and dL_meta/dr_l per layer, each run's mean ± standard error over its meta steps and the
+    mean ± standard error over the runs of those means (runs with the same layers).
     """
     runs = [read_run(d) for d in run_dirs]
     out, written = Path(out_dir), []
@@ -449,6 +515,27 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike)
         axes[1].legend(fontsize="x-small")
         fig.suptitle("the policy's weights over training, per run", fontsize="medium")
         written.append(_save(fig, out / "weights_mean.png"))
+
+    measured = [r for r in runs if r.hypergradients and len(r.meta_steps)]
+    if measured and all(r.layer_names == measured[0].layer_names for r in measured):
+        names, n = measured[0].layer_names, len(measured)
+        fig, axes = _figure(max(6.4, 0.9 * len(names) + 2), 6.0, len(HYPERGRADIENTS), 1, sharex=True)
+        width = 0.8 / (n + 1)
+        for ax, key in zip(axes, HYPERGRADIENTS):
+            means, errors, mean, se = hypergradient_summary(measured, key)
+            for i, r in enumerate(measured):
+                ax.errorbar(np.arange(len(names)) + (i - n / 2) * width, means[i], yerr=np.nan_to_num(errors[i]),
+                            fmt="o", markersize=3, color=f"C{i % 10}", label=r.label, capsize=2)
+            ax.errorbar(np.arange(len(names)) + n / 2 * width, mean, yerr=np.nan_to_num(se), fmt="s", color="black",
+                        label=f"over {n} runs", capsize=3)
+            ax.axhline(0.0, color="black", linewidth=0.6)
+            ax.set_ylabel(f"{HG_LABELS[key]}\nmean ± s.e.")
+            ax.grid(alpha=0.3, axis="y")
+        axes[-1].set_xticks(np.arange(len(names)), names, rotation=45 if len(names) > 6 else 0, fontsize="small")
+        axes[-1].set_xlabel("layer (channel group)")
+        axes[0].legend(fontsize="x-small")
+        fig.suptitle("hypergradients per layer: each run over its meta steps, and over the runs", fontsize="medium")
+        written.append(_save(fig, out / "hypergradients_per_layer.png"))
 
     rows = [{"label": r.label, "macs": r.summary["macs"]["student"], "student_acc": r.summary["student_acc"],
              "teacher_acc": r.summary["teacher_acc"]} for r in runs if r.summary is not None]

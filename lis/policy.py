@@ -14,6 +14,7 @@ A new fixed-weight baseline is a few lines here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -47,33 +48,48 @@ class Policy(nn.Module):
 
 
 class FixedPolicy(Policy):
-    """Constant weights: the paper's fixed-weight setting (and, with zeros, its ablations)."""
+    """Constant weights: the paper's fixed-weight setting (and, with zeros, its ablations). ``alpha`` and ``rho``
+    are one number for every layer or a sequence of one number per layer (channel group), in depth order."""
 
-    def __init__(self, alpha_out: float, alpha: float, rho: float):
+    def __init__(self, alpha_out: float, alpha: float | Sequence[float], rho: float | Sequence[float]):
         super().__init__()
-        self.alpha_out, self.alpha, self.rho = float(alpha_out), float(alpha), float(rho)
+        self.alpha_out = float(alpha_out)
+        for name, value in (("alpha", alpha), ("rho", rho)):
+            if isinstance(value, (int, float)):
+                setattr(self, name, float(value))
+            else:  # a buffer: it moves with the policy to the run's device, so forward copies nothing
+                self.register_buffer(name, torch.tensor([float(v) for v in value]), persistent=False)
 
     def forward(self, signals: Signals) -> Weights:
         n, device = len(signals.distillability), signals.distillability.device
-        return Weights(torch.tensor(self.alpha_out, device=device), torch.full((n,), self.alpha, device=device),
-                       torch.full((n,), self.rho, device=device))
+        return Weights(torch.tensor(self.alpha_out, device=device), _per_layer(self.alpha, n, device),
+                       _per_layer(self.rho, n, device))
 
 
-def fixed(alpha_out: float, alpha: float, rho: float) -> FixedPolicy:
+def _per_layer(value: float | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """(n,) weights on ``device`` from one number for all layers or a tensor of one per layer."""
+    if isinstance(value, float):
+        return torch.full((n,), value, device=device)
+    if len(value) != n:
+        raise ValueError(f"{len(value)} per-layer weights for {n} layers")
+    return value.to(device)
+
+
+def fixed(alpha_out: float, alpha: float | Sequence[float], rho: float | Sequence[float]) -> FixedPolicy:
     return FixedPolicy(alpha_out, alpha, rho)
 
 
-def prune_only(alpha_out: float, alpha: float, rho: float) -> FixedPolicy:
+def prune_only(alpha_out: float, alpha: float | Sequence[float], rho: float | Sequence[float]) -> FixedPolicy:
     """ADMM pruning with no teacher: every distillation weight is 0."""
     return FixedPolicy(0.0, 0.0, rho)
 
 
-def kd_only(alpha_out: float, alpha: float, rho: float) -> FixedPolicy:
+def kd_only(alpha_out: float, alpha: float | Sequence[float], rho: float | Sequence[float]) -> FixedPolicy:
     """Distillation with no ADMM pull (r = 0); the student is magnitude-pruned after KDP."""
     return FixedPolicy(alpha_out, alpha, 0.0)
 
 
-def scratch(alpha_out: float, alpha: float, rho: float) -> FixedPolicy:
+def scratch(alpha_out: float, alpha: float | Sequence[float], rho: float | Sequence[float]) -> FixedPolicy:
     """No teacher at all: the pruned architecture is trained from random init with cross-entropy."""
     return FixedPolicy(0.0, 0.0, 0.0)
 
@@ -83,8 +99,10 @@ PRESETS = {"fixed": fixed, "prune_only": prune_only, "kd_only": kd_only, "l1_pru
            "scratch": scratch, "tp_group_norm": kd_only}
 
 
-def create_policy(name: str, *, alpha_out: float, alpha: float, rho: float) -> Policy:
-    """A fixed-weight policy by name (the dean is built by ``lis.dean``); see ``PRESETS``."""
+def create_policy(name: str, *, alpha_out: float, alpha: float | Sequence[float],
+                  rho: float | Sequence[float]) -> Policy:
+    """A fixed-weight policy by name (the dean is built by ``lis.dean``); see ``PRESETS``. ``alpha`` and ``rho``:
+    one number for every layer, or one per layer."""
     if name not in PRESETS:
         raise LISError(f"policy.name={name!r} is not a fixed-weight policy: use one of {', '.join(PRESETS)} or dean")
     return PRESETS[name](alpha_out, alpha, rho)

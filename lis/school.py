@@ -285,8 +285,9 @@ def kdp(
         if ahead_iter is None:
             return [(x, y)]
         n_ahead += meta_step.fresh_batches
-        return [(precision.inputs(a, device), b.to(device))
-                for a, b in (next(ahead_iter) for _ in range(meta_step.fresh_batches))]
+        with torch.random.fork_rng(devices=[]):  # their augmentation leaves the training stream's RNG as it was
+            drawn = [next(ahead_iter) for _ in range(meta_step.fresh_batches)]
+        return [(precision.inputs(a, device), b.to(device)) for a, b in drawn]
     precision = s.precision
     precision.prepare(student, room.teacher[0])
     replica = dist.wrap(student)

@@ -27,7 +27,7 @@ BENCHES = sorted((Path(__file__).resolve().parents[1] / "experiments" / "bench")
 def row(label, seed, val, test=0.5):
     return {"label": label, "policy": label.split("[")[0], "seed": seed, "student_acc": test, "val_acc": val,
             "teacher_acc": 0.9, "params": 1, "macs": 1, "params_reduction": 0.5, "macs_reduction": 0.5,
-            "latency_ms": 1.0, "wall_time_s": 1.0}
+            "latency_ms": 1.0, "wall_time_s": 1.0, "layer_spread_alpha": 0.0, "layer_spread_log_rho": 0.0}
 
 
 def test_choose_takes_the_best_mean_validation_accuracy_never_the_test_accuracy():

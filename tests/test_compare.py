@@ -23,7 +23,7 @@ def row(label, seed, acc, params=100, macs=1000, latency=1.0, wall=10.0, policy=
     return {"label": label, "policy": policy or label, "seed": seed, "student_acc": acc, "val_acc": acc - 0.01,
             "teacher_acc": 0.9,
             "params": params, "macs": macs, "params_reduction": 0.5, "macs_reduction": 0.75,
-            "latency_ms": latency, "wall_time_s": wall}
+            "latency_ms": latency, "wall_time_s": wall, "layer_spread_alpha": 0.0, "layer_spread_log_rho": 0.0}
 
 
 ROWS = [row("dean", 0, 0.81, params=100), row("dean", 1, 0.83, params=110), row("dean", 2, 0.85, params=120),

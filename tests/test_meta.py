@@ -122,7 +122,7 @@ def test_meta_step_leaves_the_student_untouched(backend):
     learner = MetaLearner(dean, lr=1e-2, unroll=2, beta=1.0, backend=backend)
     out = learner(student, opt, room, admm, signals, batch, meta_batch)
 
-    assert set(out) == {"meta_loss", "meta_ce"}
+    assert set(out) == {"meta_loss", "meta_ce", "hg_alpha_out", "hg_alpha", "hg_rho"}
     after = student.state_dict()
     for key, value in before_state.items():
         assert torch.equal(value, after[key]), key

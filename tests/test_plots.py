@@ -194,14 +194,18 @@ def test_plot_writes_every_figure(runs, tmp_path, monkeypatch):
     written = plots.plot(runs)
     per_run = ["distillability_heatmap.png", "distillability_lines.png", "sparsity.png", "admm_gap.png",
                "weights.png", "kept_channels.png"]
-    overlay = ["distillability_mean.png", "distillability_per_layer.png", "weights_mean.png", "acc_vs_macs.png"]
-    expected = [d / "plots" / f for d in runs for f in per_run] + [runs[0].parent / "plots" / f for f in overlay]
+    hypergradients = ["hypergradients.png", "hypergradients_per_layer.png"]  # the dean's meta steps logged them
+    dean = per_run[:5] + hypergradients + per_run[5:]
+    overlay = ["distillability_mean.png", "distillability_per_layer.png", "weights_mean.png",
+               "hypergradients_per_layer.png", "acc_vs_macs.png"]
+    expected = [runs[0] / "plots" / f for f in dean] + [runs[1] / "plots" / f for f in per_run] + \
+        [runs[0].parent / "plots" / f for f in overlay]
     assert written == expected
     for path in written:
         assert path.read_bytes()[:8] == PNG
     check_drawn_content(runs, {p: drawn[p] for p in written})
     # one run with --out: its own figures there; layers chosen by name
-    assert [p.name for p in plots.plot([runs[0]], tmp_path / "one")] == per_run
+    assert [p.name for p in plots.plot([runs[0]], tmp_path / "one")] == dean
     assert plots.plot_run(runs[1], tmp_path / "two", layers=["features.1.0"])[1].name == "distillability_lines.png"
 
 
