@@ -139,7 +139,7 @@ def test_signals_policies_and_the_deans_inputs_stay_on_the_models_device(device)
     ``meta`` device stands in for a GPU: mixing it with CPU tensors raises, as CUDA does). Every signal, the
     dean's features and every policy's weights must live on the model's device."""
     from lis.admm import ADMMState
-    from lis.dean import Dean
+    from lis.dean import create_dean
     from lis.policy import fixed
 
     torch.manual_seed(0)
@@ -159,7 +159,8 @@ def test_signals_policies_and_the_deans_inputs_stay_on_the_models_device(device)
                                torch.tensor(1.0, device=device)))
     for signals in (before, tracker.state()):
         assert signals.features().device.type == torch.device(device).type
-        for policy in (fixed(1.0, 1.0, 1e-3), Dean().to(device)):
+        for policy in (fixed(1.0, 1.0, 1e-3), create_dean(kind="layerwise").to(device),
+                       create_dean(kind="mlp").to(device)):
             w = policy(signals)
             assert {t.device.type for t in (w.alpha_out, w.alpha, w.rho)} == {torch.device(device).type}
     # a checkpoint's signals (loaded on the CPU) go back to the model's device
