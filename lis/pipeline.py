@@ -66,7 +66,7 @@ def train_teacher_job(cfg: Config, overwrite: bool = False) -> Path:
     splits, loaders = load_data(cfg)
     models.create(cfg.model.name, splits.num_classes)  # a bad name fails before the run directory exists
     with new_run_dir(cfg, overwrite) as run_dir, MetricsLog(run_dir, cfg) as log:
-        model, acc = train_teacher(cfg, splits, loaders, device, log.log)
+        model, acc = train_teacher(cfg, splits, loaders, device, log.log, precision=precision(cfg))
     save_teacher(run_dir / "teacher.pt", model, cfg.model.name, splits.num_classes, acc)
     cache = Path(cfg.run.dir) / "teachers" / f"{teacher_key(cfg)}.pt"
     save_teacher(cache, model, cfg.model.name, splits.num_classes, acc)
@@ -164,7 +164,8 @@ def _recipe(cfg: Config, student: nn.Module, room: Classroom, groups: list[Chann
     if name in EXTERNAL:
         # its own training loop, without checkpoints: a resumed run starts it again
         small = tp_group_norm(copy.deepcopy(student), example, budgets(cfg), loaders.train, device,
-                              epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
+                              epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
+                              precision=precision(cfg))
         return small, None, policy(SignalTracker(len(groups), device=device).state()).detached()
     settings = KDPSettings(epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
                            admm_interval=cfg.admm.interval, signals_interval=cfg.signals.interval,
@@ -227,7 +228,7 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
     if cfg.teacher.checkpoint is not None:
         load_teacher(cfg.teacher.checkpoint, cfg.model.name, splits.num_classes)
     inputs = Inputs(splits, loaders, architecture,
-                    lambda run_dir, device, log: get_teacher(cfg, splits, loaders, device, log))
+                    lambda run_dir, device, log: get_teacher(cfg, splits, loaders, device, log, precision(cfg)))
     return run_compress(cfg, inputs, overwrite, resume)
 
 
@@ -307,7 +308,8 @@ def run_compress(cfg: Config, inputs: Inputs, overwrite: bool = False, resume: b
         kept = [modules[g.name].weight.shape[0] for g in groups]
 
         # the val split, whole and in order on every process: the accuracy to choose settings on
-        val_acc = evaluate(small, DataLoader(splits.val, batch_size=cfg.data.batch_size), device)["acc"] \
+        val_acc = evaluate(small, DataLoader(splits.val, batch_size=cfg.data.batch_size), device,
+                           precision(cfg))["acc"] \
             if len(splits.val) else None
         summary = summarize(cfg, teacher, small, splits.input_shape, teacher_acc, metrics["acc"], ckpt.elapsed(),
                             layers, [g.num_channels for g in groups], kept, val_acc=val_acc)

@@ -21,14 +21,18 @@ from lis.run import progress
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict:
-    """Top-1 accuracy (a fraction in [0, 1]) and mean cross-entropy over ``loader``, in eval mode."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
+             precision: Optional[Precision] = None) -> dict:
+    """Top-1 accuracy (a fraction in [0, 1]) and mean cross-entropy over ``loader``, in eval mode, the
+    forward passes in ``precision``."""
+    precision = precision or Precision()
     was_training = model.training
     model.eval()
     correct, loss, n = 0, 0.0, 0
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
+        x, y = precision.inputs(x, device), y.to(device)
+        with precision.autocast(device):
+            logits = model(x).float()
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         n += y.numel()
@@ -92,7 +96,7 @@ def fit(
     precision.prepare(model)
     opt = sgd(model, lr, momentum, weight_decay)
     sched = scheduler(opt, schedule, epochs)
-    metrics = evaluate(model, test_loader, device) if epochs == 0 else {}
+    metrics = evaluate(model, test_loader, device, precision) if epochs == 0 else {}
     for epoch in progress(range(epochs), desc=desc):
         model.train()
         total, n = 0.0, 0
@@ -109,7 +113,7 @@ def fit(
             total += value * y.numel()
             n += y.numel()
         sched.step()
-        metrics = evaluate(model, test_loader, device)
+        metrics = evaluate(model, test_loader, device, precision)
         if log is not None:
             log({"phase": desc, "epoch": epoch + 1, "train_loss": total / max(n, 1),
                  "test_loss": metrics["loss"], "test_acc": metrics["acc"]})
