@@ -304,18 +304,18 @@ def run_compress(cfg: Config, inputs: Inputs, overwrite: bool = False, resume: b
             raise NumericalFault(f"{e}: stopped, {ckpt.describe()}; continue with a lower learning rate, e.g. "
                                  f"'lis compress --resume {run_dir} kdp.lr={cfg.kdp.lr / 10:g} "
                                  f"finetune.lr={cfg.finetune.lr / 10:g}'") from None
+
+        if not dist.is_main():  # every process holds the same student: process 0 alone measures and writes it
+            return run_dir
         modules = dict(small.named_modules())
         kept = [modules[g.name].weight.shape[0] for g in groups]
-
-        # the val split, whole and in order on every process: the accuracy to choose settings on
+        # the val split, whole and in order: the accuracy to choose settings on
         val_acc = evaluate(small, DataLoader(splits.val, batch_size=cfg.data.batch_size), device,
                            precision(cfg))["acc"] \
             if len(splits.val) else None
         summary = summarize(cfg, teacher, small, splits.input_shape, teacher_acc, metrics["acc"], ckpt.elapsed(),
                             layers, [g.num_channels for g in groups], kept, val_acc=val_acc)
         log.log({"phase": "summary", **{k: v for k, v in summary.items() if not isinstance(v, (list, dict))}})
-        if not dist.is_main():
-            return run_dir
         atomic_save(small.cpu(), run_dir / "student.pt")
         write_report(run_dir, summary)
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))  # the run is finished

@@ -342,7 +342,7 @@ def kdp(
                          **_to_host({"ce": lesson.ce, "kd": kd, "alpha_out": w.alpha_out, **signals.per_layer(),
                                      "alpha": w.alpha, "rho": w.rho}), **meta})
                 ckpt.step(it, lambda: state(epoch, batch))
-            metrics = evaluate(student, test, device, precision)
+            metrics = dist.once(lambda: evaluate(student, test, device, precision))  # the whole test split
             log({"phase": "kdp", "iter": it, "epoch": epoch + 1, "test_acc": metrics["acc"],
                  "test_loss": metrics["loss"]})
             ckpt.save(state(epoch + 1, 0))
@@ -374,7 +374,7 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
 
     distils = weights.distils()  # decided once: the weights are fixed
     if resumed is None:
-        metrics = evaluate(student, test, device, precision)
+        metrics = dist.once(lambda: evaluate(student, test, device, precision))
         ckpt.save(state(0, 0))
     else:
         metrics, it, first_epoch, first_batch = _restore(resumed, lr, room, opt, sched)
@@ -401,7 +401,7 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
                 it += 1
                 batch += 1
                 ckpt.step(it, lambda: state(epoch, batch))
-            metrics = evaluate(student, test, device, precision)
+            metrics = dist.once(lambda: evaluate(student, test, device, precision))
             log({"phase": "finetune", "epoch": epoch + 1, "test_acc": metrics["acc"], "test_loss": metrics["loss"]})
             ckpt.save(state(epoch + 1, 0))
     return metrics
