@@ -93,7 +93,7 @@ def tp_group_norm(model: nn.Module, example: torch.Tensor, budgets: dict[str, fl
     for _ in progress(range(epochs), desc="tp_group_norm"):
         model.train()
         for x, y in train:
-            x, y = precision.inputs(x, device), y.to(device)
+            x, y = precision.inputs(x, device), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             with precision.autocast(device):
                 loss = F.cross_entropy(model(x), y)

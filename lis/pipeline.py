@@ -54,10 +54,11 @@ def load_data(cfg: Config) -> tuple[Splits, Loaders]:
 
 def run_loaders(cfg: Config, splits: Splits) -> Loaders:
     """The loaders of a run over ``splits``: batches of ``data.batch_size`` in an order that ``run.seed`` fixes
-    and a resumed run continues, each process its slice under torchrun."""
+    and a resumed run continues, each process its slice under torchrun; pinned for a CUDA run."""
     d = cfg.data
     return make_loaders(splits, d.batch_size, d.num_workers, seed=cfg.run.seed, rank=dist.rank(),
-                        world=dist.world(), meta_batch_size=cfg.meta.batch_size)
+                        world=dist.world(), meta_batch_size=cfg.meta.batch_size,
+                        pin_memory=resolve_device(dist.device(cfg.run.device)).type == "cuda")
 
 
 def train_teacher_job(cfg: Config, overwrite: bool = False) -> Path:

@@ -281,7 +281,7 @@ def kdp(
             seek(train, epoch, batch)
             for x, y in train:
                 where = f"KDP iteration {it + 1} (epoch {epoch})"
-                x, y = precision.inputs(x, device), y.to(device)
+                x, y = precision.inputs(x, device), y.to(device, non_blocking=True)
                 # 1. the policy reads the smoothed state
                 w = policy(tracker.state()).detached()
                 # 2. teacher and student forward (under torchrun: the DDP replica's forward)
@@ -387,7 +387,7 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
             batch = first_batch if epoch == first_epoch else 0
             seek(train, epoch, batch)
             for x, y in train:
-                x, y = precision.inputs(x, device), y.to(device)
+                x, y = precision.inputs(x, device), y.to(device, non_blocking=True)
                 with precision.autocast(device):
                     lesson = room.lesson(student, x, y, forward=replica, distil=distils)
                     loss = lesson.ce + lesson.distillation(weights) if distils else lesson.ce

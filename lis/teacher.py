@@ -94,7 +94,8 @@ def train_teacher(cfg: Config, splits: Splits, loaders: Loaders, device: torch.d
     t = cfg.teacher
     seed_everything(t.seed)
     model = (models.create(cfg.model.name, splits.num_classes) if model is None else model).to(device)
-    train = make_loaders(splits, cfg.data.batch_size, cfg.data.num_workers, seed=t.seed).train
+    train = make_loaders(splits, cfg.data.batch_size, cfg.data.num_workers, seed=t.seed,
+                         pin_memory=device.type == "cuda").train
     try:
         metrics = fit(model, train, loaders.test, device, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
                       weight_decay=t.weight_decay, schedule=t.schedule, label_smoothing=t.label_smoothing,
