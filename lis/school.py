@@ -35,7 +35,7 @@ from lis.checkpoint import Checkpointer, set_rng_state
 from lis.data import batches_from, seek
 from lis.errors import NumericalFault
 from lis.groups import ChannelGroup
-from lis.losses import FEATURE_LOSSES, Adapters, FeatureHooks, kd_logit, pair_layers
+from lis.losses import Adapters, FeatureHooks, kd_features, kd_logit, pair_layers
 from lis.policy import Policy, Weights
 from lis.run import progress
 from lis.signals import SignalTracker, Signals, distillability, sparsity
@@ -74,14 +74,14 @@ class Classroom(nn.Module):
     ``layers`` are the student's channel-group root modules (the dean's L
     layers, in depth order); each is paired with the teacher group at the
     same relative depth. With ``features=False`` only the logits are distilled
-    (KD_feat is all zeros). ``feature_loss`` names KD_feat (``lis.losses.FEATURE_LOSSES``).
+    (KD_feat is all zeros). ``feature_loss`` names KD_feat (``lis.losses.kd_features``).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, layers: Sequence[str], teacher_layers: Sequence[str],
                  example: torch.Tensor, temperature: float, features: bool = True,
                  init_index: Optional[dict[str, torch.Tensor]] = None, feature_loss: str = "attention"):
         super().__init__()
-        self.kd_feat = FEATURE_LOSSES[feature_loss]
+        self.feature_loss = feature_loss
         self.teacher = [teacher]  # a list, so the teacher is not a submodule (its weights stay out of optimizers)
         self.layers = list(layers)
         self.pairs = pair_layers(self.layers, teacher_layers) if features else []
@@ -106,11 +106,10 @@ class Classroom(nn.Module):
             t_logits = teacher(x)
         with FeatureHooks(student, [s for s, _ in self.pairs]) as s_feats:
             logits = (forward or student)(x)
-        feat = [logits.new_zeros(())] * len(self.layers)
-        for s, t in self.pairs:
-            feat[self.layers.index(s)] = self.kd_feat(self.adapters(s, s_feats.maps[s]), t_feats.maps[t])
-        return Lesson(logits, F.cross_entropy(logits, y), kd_logit(logits, t_logits, self.temperature),
-                      torch.stack(feat))
+        # pair_layers pairs every layer, in order
+        feat = kd_features([(self.adapters(s, s_feats.maps[s]), t_feats.maps[t]) for s, t in self.pairs],
+                           self.feature_loss) if self.pairs else logits.new_zeros(len(self.layers))
+        return Lesson(logits, F.cross_entropy(logits, y), kd_logit(logits, t_logits, self.temperature), feat)
 
 
 @torch.no_grad()
