@@ -158,10 +158,14 @@ class ADMMState:
         without a host sync."""
         rho = rho.detach().to(self._device(), torch.float64)
         if self.rho is not None:
-            old = self.rho
+            old, laid_out = self.rho, self._pull[0] == self._version()
             factor = torch.where((old > 0) & (rho > 0), old / rho.where(rho > 0, 1.0), 1.0)
-            for f, g in zip(factor, self.groups):
-                self.U[g.name].mul_(f.to(self.U[g.name].dtype))
+            factor = factor.to(next(iter(self.U.values())).dtype)
+            torch._foreach_mul_([self.U[g.name] for g in self.groups], list(factor.unbind()))
+            if laid_out:  # the pull's copy of U alike, rather than laid out again at every change of r
+                _, (_, _, u, group_of) = self._pull
+                torch._foreach_mul_(u, list(factor[group_of].unbind()))
+                self._pull = (self._version(), self._pull[1])
         self.rho = rho
 
     def penalty(self, params: Mapping[str, torch.Tensor], rho: torch.Tensor) -> torch.Tensor:
@@ -173,32 +177,37 @@ class ADMMState:
     def penalty_grad_(self, model: nn.Module, rho: torch.Tensor) -> None:
         """Add d penalty / dW = rho_l (W_l - Z_l + U_l) to the ``.grad`` of every group tensor.
 
-        A few multi-tensor (``torch._foreach_*``) operations for all tensors, no host sync: Z - U is laid
+        A few multi-tensor (``torch._foreach_*``) operations for all tensors, no host sync: Z and U are laid
         out in the tensors' own shapes once per Z- or U-step."""
-        tensors, targets, group_of = self._pull_layout(model)
-        steps = torch._foreach_sub(tensors, targets)
+        tensors, z, u, group_of = self._pull_layout(model)
+        steps = torch._foreach_sub(tensors, z)
+        torch._foreach_add_(steps, u)
         torch._foreach_mul_(steps, list(rho[group_of].unbind()))
         for t in tensors:
             if t.grad is None:
                 t.grad = torch.zeros_like(t)
         torch._foreach_add_([t.grad for t in tensors], steps)
 
-    def _pull_layout(self, model: nn.Module) -> tuple[list, list, torch.Tensor]:
-        """(every group tensor of ``model``, Z_l - U_l sliced and shaped like it, its group's index), rebuilt
-        when Z or U has changed (replaced or modified in place) since it was laid out."""
-        key = tuple((id(t), t._version) for part in (self.Z, self.U) for t in part.values())
-        if self._pull[0] != key:
-            tensors, targets, group_of = [], [], []
+    def _version(self) -> tuple:
+        """Which Z and U tensors there are and how often each was modified in place."""
+        return tuple((id(t), t._version) for part in (self.Z, self.U) for t in part.values())
+
+    def _pull_layout(self, model: nn.Module) -> tuple[list, list, list, torch.Tensor]:
+        """(every group tensor of ``model``, Z_l and U_l sliced and shaped like it, its group's index), laid
+        out again when Z or U has changed (replaced or modified in place) other than by ``rescale_duals``."""
+        if self._pull[0] != self._version():
+            tensors, z, u, group_of = [], [], [], []
             for i, g in enumerate(self.groups):
-                offset, diff = 0, self.Z[g.name] - self.U[g.name]
+                offset = 0
                 for t, d in group_tensors(model, g):
                     width = rows(t, d).shape[1]
-                    target = diff[:, offset:offset + width].reshape(t.movedim(d, 0).shape).movedim(0, d)
+                    for laid_out, rows_of in ((z, self.Z[g.name]), (u, self.U[g.name])):
+                        part = rows_of[:, offset:offset + width].reshape(t.movedim(d, 0).shape).movedim(0, d)
+                        laid_out.append(torch.empty_like(t).copy_(part))  # in t's memory layout
                     tensors.append(t)
-                    targets.append(torch.empty_like(t).copy_(target))  # in t's memory layout
                     group_of.append(i)
                     offset += width
-            self._pull = (key, (tensors, targets, torch.tensor(group_of, device=diff.device)))
+            self._pull = (self._version(), (tensors, z, u, torch.tensor(group_of, device=self._device())))
         return self._pull[1]
 
     @torch.no_grad()

@@ -82,8 +82,8 @@ def compress(cfg: Optional[Config] = None, *, teacher: Optional[nn.Module] = Non
             model.load_state_dict(state["state_dict"])
             return model.eval(), state["test_acc"], path
         if not train_teacher:
-            return model.eval(), evaluate(model, loaders.test, device)["acc"], None
-        model, acc = fit_teacher(cfg, splits, loaders, device, log, model=model)
+            return model.eval(), evaluate(model, loaders.test, device, pipeline.precision(cfg))["acc"], None
+        model, acc = fit_teacher(cfg, splits, loaders, device, log, model=model, precision=pipeline.precision(cfg))
         if dist.is_main():
             atomic_save({"state_dict": model.state_dict(), "test_acc": acc}, path)
         return model.eval(), acc, path

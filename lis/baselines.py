@@ -20,7 +20,7 @@ fine-tuning epochs on fine-tuning, so every method trains as long:
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from lis.errors import LISError
 from lis.groups import ChannelGroup, group_tensors
 from lis.measure import count_macs, count_params
 from lis.run import progress
+from lis.train import Precision
 
 ONE_SHOT = ("l1_prune", "scratch")
 MAX_RATIO = 0.95  #: tp_group_norm's largest pruning ratio (Torch-Pruning's max_pruning_ratio)
@@ -68,10 +69,10 @@ def reinit_(model: nn.Module) -> None:
 
 def tp_group_norm(model: nn.Module, example: torch.Tensor, budgets: dict[str, float], train: DataLoader,
                   device: torch.device, *, epochs: int, lr: float, momentum: float, weight_decay: float,
-                  reg: float = 5e-4, steps: int = 30) -> nn.Module:
+                  reg: float = 5e-4, steps: int = 30, precision: Optional[Precision] = None) -> nn.Module:
     """Torch-Pruning's group-norm sparse training, then its global pruning at the budget.
 
-    ``model`` is trained, and a pruned copy returned. The pruner ranks
+    ``model`` is trained (its forward passes in ``precision``), and a pruned copy returned. The pruner ranks
     channels globally and removes a fraction (its pruning ratio) of them; the
     smallest ratio whose measured MACs and params meet every budget is found
     by ``steps`` bisection steps, so the cut is as close to the budget as the
@@ -84,15 +85,19 @@ def tp_group_norm(model: nn.Module, example: torch.Tensor, budgets: dict[str, fl
             m, example, importance=tp.importance.GroupMagnitudeImportance(p=2), reg=reg, global_pruning=True,
             pruning_ratio=ratio, max_pruning_ratio=MAX_RATIO, iterative_steps=1, ignored_layers=classifier)
 
+    precision = precision or Precision()
+    precision.prepare(model)
     sparse = pruner(model, 0.0)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * len(train), 1))
     for _ in progress(range(epochs), desc="tp_group_norm"):
         model.train()
         for x, y in train:
-            x, y = x.to(device), y.to(device)
+            x, y = precision.inputs(x, device), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            with precision.autocast(device):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
             dist.average_([p.grad for p in model.parameters() if p.grad is not None])  # one model under torchrun
             sparse.regularize(model)
             opt.step()

@@ -188,11 +188,12 @@ class EpochSampler(Sampler[int]):
 
 
 def make_loaders(splits: Splits, batch_size: int, num_workers: int = 0, seed: int = 0, rank: int = 0,
-                 world: int = 1, meta_batch_size: Optional[int] = None) -> Loaders:
+                 world: int = 1, meta_batch_size: Optional[int] = None, pin_memory: bool = False) -> Loaders:
     """DataLoaders over ``splits``; the same ``seed`` gives the same train, meta and look-ahead order (an
     ``EpochSampler`` each: every pass over a loader is its next epoch). ``batch_size`` is the global
     batch: with ``world`` processes each loads ``batch_size / world`` of it (the test set is not split).
-    The meta loader's batch is ``meta_batch_size`` (default ``batch_size``)."""
+    The meta loader's batch is ``meta_batch_size`` (default ``batch_size``). ``pin_memory`` (for a CUDA
+    run) puts batches in page-locked memory, from which the copies to the GPU do not block."""
     meta_batch_size = meta_batch_size or batch_size
     for key, size in (("data.batch_size", batch_size), ("meta.batch_size", meta_batch_size)):
         if size % world:
@@ -206,11 +207,12 @@ def make_loaders(splits: Splits, batch_size: int, num_workers: int = 0, seed: in
         if split and len(ds) and not len(sampler):
             raise LISError(f"a split of {len(ds)} samples is smaller than one global batch ({key}="
                            f"{batch_size}) and {world} processes drop partial batches: lower {key}")
-        return DataLoader(ds, batch_size=batch_size // parts, sampler=sampler, num_workers=num_workers)
+        return DataLoader(ds, batch_size=batch_size // parts, sampler=sampler, num_workers=num_workers,
+                          pin_memory=pin_memory)
 
     return Loaders(train=loader(splits.train, True, True),
                    meta=loader(splits.meta, True, True, meta_batch_size, "meta.batch_size"),
-                   test=loader(splits.test, False, False))
+                   test=loader(splits.test, False, False), ahead=loader(splits.train, True, True, stream=1))
 
 
 def seek(loader: Iterable, epoch: int, batch: int = 0) -> None:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from lis.errors import LISError
+
+T = TypeVar("T")
 
 
 def world() -> int:
@@ -80,6 +82,16 @@ def any_(flag: bool) -> bool:
     t = torch.tensor([float(flag)])  # a CPU tensor: gloo, whatever the run's device
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def once(fn: Callable[[], T]) -> T:
+    """``fn()`` computed by process 0 alone and handed to every process: for a small picklable result (test
+    metrics) that would cost every process the same work."""
+    if world() == 1:
+        return fn()
+    box = [fn() if is_main() else None]
+    dist.broadcast_object_list(box, src=0)  # through gloo (CPU) even when nccl is the GPU backend
+    return box[0]
 
 
 def wrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -43,25 +43,48 @@ def _match_spatial(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
     return pool(a, size), pool(b, size)
 
 
+def _distances(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per sample, ||s/||s|| - t/||t||||^2, each map flattened."""
+    s, t = s.flatten(1), t.flatten(1)
+    return (F.normalize(s, dim=1) - F.normalize(t, dim=1)).pow(2).sum(1)
+
+
+def kd_features(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], feature_loss: str) -> torch.Tensor:
+    """KD_feat of every (student map, teacher map) pair, shape (P,) in their order: ``kd_attention``
+    (``feature_loss="attention"``) or ``kd_feat`` (``"maps"``) of each pair.
+
+    The pairs whose maps have the same shapes are computed together, on their maps concatenated along the
+    batch axis: a few operators (what a GPU launches) per shape instead of per pair (ResNet-56: 30 pairs, 3
+    shapes). The squares of the attention maps are one multi-tensor product, whose backward keeps nothing but
+    the maps themselves (a concatenation of the maps before it would keep a copy of them all).
+    """
+    attention = {"attention": True, "maps": False}[feature_loss]
+    matched = [_match_spatial(s, t) for s, t in pairs]
+    by_shape: dict[tuple[torch.Size, torch.Size], list[int]] = {}
+    for i, (s, t) in enumerate(matched):
+        by_shape.setdefault((s.shape, t.shape), []).append(i)
+    losses: list[Optional[torch.Tensor]] = [None] * len(pairs)
+    for index in by_shape.values():
+        s, t = [matched[i][0] for i in index], [matched[i][1] for i in index]
+        if attention and s[0].dim() > 2:  # attention maps mean_c F_c^2; a hidden Linear layer's has no spatial axis
+            s, t = torch.cat(torch._foreach_mul(s, s)).mean(1), torch.cat(torch._foreach_mul(t, t)).mean(1)
+        else:
+            s, t = torch.cat(s), torch.cat(t)
+        for i, loss in zip(index, _distances(s, t).view(len(index), -1).mean(1).unbind()):
+            losses[i] = loss
+    return torch.stack(losses)
+
+
 def kd_feat(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
     """Mean over samples of ||s/||s|| - t/||t||||^2, each map flattened per sample."""
-    s, t = _match_spatial(student_map, teacher_map)
-    s = F.normalize(s.flatten(1), dim=1)
-    t = F.normalize(t.flatten(1), dim=1)
-    return (s - t).pow(2).sum(1).mean()
+    return kd_features([(student_map, teacher_map)], "maps")[0]
 
 
 def kd_attention(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
     """Attention transfer (Zagoruyko & Komodakis, 2017): ``kd_feat`` of the spatial attention maps
     mean_c F_c^2, which do not depend on the number or order of channels. A map with no spatial axis (a
     hidden Linear layer) has no attention map and is compared as ``kd_feat`` does."""
-    if student_map.dim() == 2:
-        return kd_feat(student_map, teacher_map)
-    s, t = _match_spatial(student_map, teacher_map)
-    return kd_feat(s.pow(2).mean(1), t.pow(2).mean(1))
-
-
-FEATURE_LOSSES = {"maps": kd_feat, "attention": kd_attention}
+    return kd_features([(student_map, teacher_map)], "attention")[0]
 
 
 class FeatureHooks:

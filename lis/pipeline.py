@@ -54,10 +54,11 @@ def load_data(cfg: Config) -> tuple[Splits, Loaders]:
 
 def run_loaders(cfg: Config, splits: Splits) -> Loaders:
     """The loaders of a run over ``splits``: batches of ``data.batch_size`` in an order that ``run.seed`` fixes
-    and a resumed run continues, each process its slice under torchrun."""
+    and a resumed run continues, each process its slice under torchrun; pinned for a CUDA run."""
     d = cfg.data
     return make_loaders(splits, d.batch_size, d.num_workers, seed=cfg.run.seed, rank=dist.rank(),
-                        world=dist.world(), meta_batch_size=cfg.meta.batch_size)
+                        world=dist.world(), meta_batch_size=cfg.meta.batch_size,
+                        pin_memory=resolve_device(dist.device(cfg.run.device)).type == "cuda")
 
 
 def train_teacher_job(cfg: Config, overwrite: bool = False) -> Path:
@@ -66,7 +67,7 @@ def train_teacher_job(cfg: Config, overwrite: bool = False) -> Path:
     splits, loaders = load_data(cfg)
     models.create(cfg.model.name, splits.num_classes)  # a bad name fails before the run directory exists
     with new_run_dir(cfg, overwrite) as run_dir, MetricsLog(run_dir, cfg) as log:
-        model, acc = train_teacher(cfg, splits, loaders, device, log.log)
+        model, acc = train_teacher(cfg, splits, loaders, device, log.log, precision=precision(cfg))
     save_teacher(run_dir / "teacher.pt", model, cfg.model.name, splits.num_classes, acc)
     cache = Path(cfg.run.dir) / "teachers" / f"{teacher_key(cfg)}.pt"
     save_teacher(cache, model, cfg.model.name, splits.num_classes, acc)
@@ -164,7 +165,8 @@ def _recipe(cfg: Config, student: nn.Module, room: Classroom, groups: list[Chann
     if name in EXTERNAL:
         # its own training loop, without checkpoints: a resumed run starts it again
         small = tp_group_norm(copy.deepcopy(student), example, budgets(cfg), loaders.train, device,
-                              epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
+                              epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
+                              precision=precision(cfg))
         return small, None, policy(SignalTracker(len(groups), device=device).state()).detached()
     settings = KDPSettings(epochs=k.epochs, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
                            admm_interval=cfg.admm.interval, signals_interval=cfg.signals.interval,
@@ -231,7 +233,7 @@ def compress(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
     if cfg.teacher.checkpoint is not None:
         load_teacher(cfg.teacher.checkpoint, cfg.model.name, splits.num_classes)
     inputs = Inputs(splits, loaders, architecture,
-                    lambda run_dir, device, log: get_teacher(cfg, splits, loaders, device, log))
+                    lambda run_dir, device, log: get_teacher(cfg, splits, loaders, device, log, precision(cfg)))
     return run_compress(cfg, inputs, overwrite, resume)
 
 
@@ -309,11 +311,14 @@ def run_compress(cfg: Config, inputs: Inputs, overwrite: bool = False, resume: b
             raise NumericalFault(f"{e}: stopped, {ckpt.describe()}; continue with a lower learning rate, e.g. "
                                  f"'lis compress --resume {run_dir} kdp.lr={cfg.kdp.lr / 10:g} "
                                  f"finetune.lr={cfg.finetune.lr / 10:g}'") from None
+
+        if not dist.is_main():  # every process holds the same student: process 0 alone measures and writes it
+            return run_dir
         modules = dict(small.named_modules())
         kept = [modules[g.name].weight.shape[0] for g in groups]
-
-        # the val split, whole and in order on every process: the accuracy to choose settings on
-        val_acc = evaluate(small, DataLoader(splits.val, batch_size=cfg.data.batch_size), device)["acc"] \
+        # the val split, whole and in order: the accuracy to choose settings on
+        val_acc = evaluate(small, DataLoader(splits.val, batch_size=cfg.data.batch_size), device,
+                           precision(cfg))["acc"] \
             if len(splits.val) else None
         # the policy's logged weights (metrics.jsonl, written by process 0 alone)
         spread = layer_spread([json.loads(line) for line in log.path.read_text().splitlines()]) \
@@ -321,8 +326,6 @@ def run_compress(cfg: Config, inputs: Inputs, overwrite: bool = False, resume: b
         summary = summarize(cfg, teacher, small, splits.input_shape, teacher_acc, metrics["acc"], ckpt.elapsed(),
                             layers, [g.num_channels for g in groups], kept, val_acc=val_acc, spread=spread)
         log.log({"phase": "summary", **{k: v for k, v in summary.items() if not isinstance(v, (list, dict))}})
-        if not dist.is_main():
-            return run_dir
         atomic_save(small.cpu(), run_dir / "student.pt")
         write_report(run_dir, summary)
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))  # the run is finished

@@ -39,7 +39,7 @@ import torch
 from lis.config import Config, to_yaml
 from lis.errors import LISError
 from lis.groups import ChannelGroup, find_groups
-from lis.pipeline import load_data, plan
+from lis.pipeline import load_data, plan, precision
 from lis.plots import parse_records, plot_probe
 from lis.policy import FixedPolicy
 from lis.prune import keep_masks_from_norms, mask_
@@ -113,7 +113,7 @@ def probe(cfg: Config, out_dir: Optional[str | Path] = None, *, epochs: int = 3,
     splits, loaders = load_data(cfg)
     example = torch.zeros(2, *splits.input_shape, device=device)
 
-    teacher, _, _ = get_teacher(cfg, splits, loaders, device)
+    teacher, _, _ = get_teacher(cfg, splits, loaders, device, precision=precision(cfg))
     teacher.requires_grad_(False)
     teacher_acc = evaluate(teacher, loaders.test, device)["acc"]
 

@@ -35,7 +35,7 @@ from lis.checkpoint import Checkpointer, set_rng_state
 from lis.data import batches_from, seek
 from lis.errors import NumericalFault
 from lis.groups import ChannelGroup
-from lis.losses import FEATURE_LOSSES, Adapters, FeatureHooks, kd_logit, pair_layers
+from lis.losses import Adapters, FeatureHooks, kd_features, kd_logit, pair_layers
 from lis.policy import Policy, Weights
 from lis.run import progress
 from lis.signals import SignalTracker, Signals, distillability, sparsity
@@ -76,14 +76,14 @@ class Classroom(nn.Module):
     ``layers`` are the student's channel-group root modules (the dean's L
     layers, in depth order); each is paired with the teacher group at the
     same relative depth. With ``features=False`` only the logits are distilled
-    (KD_feat is all zeros). ``feature_loss`` names KD_feat (``lis.losses.FEATURE_LOSSES``).
+    (KD_feat is all zeros). ``feature_loss`` names KD_feat (``lis.losses.kd_features``).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, layers: Sequence[str], teacher_layers: Sequence[str],
                  example: torch.Tensor, temperature: float, features: bool = True,
                  init_index: Optional[dict[str, torch.Tensor]] = None, feature_loss: str = "attention"):
         super().__init__()
-        self.kd_feat = FEATURE_LOSSES[feature_loss]
+        self.feature_loss = feature_loss
         self.teacher = [teacher]  # a list, so the teacher is not a submodule (its weights stay out of optimizers)
         self.layers = list(layers)
         self.pairs = pair_layers(self.layers, teacher_layers) if features else []
@@ -108,11 +108,10 @@ class Classroom(nn.Module):
             t_logits = teacher(x)
         with FeatureHooks(student, [s for s, _ in self.pairs]) as s_feats:
             logits = (forward or student)(x)
-        feat = [logits.new_zeros(())] * len(self.layers)
-        for s, t in self.pairs:
-            feat[self.layers.index(s)] = self.kd_feat(self.adapters(s, s_feats.maps[s]), t_feats.maps[t])
-        return Lesson(logits, F.cross_entropy(logits, y), kd_logit(logits, t_logits, self.temperature),
-                      torch.stack(feat))
+        # pair_layers pairs every layer, in order
+        feat = kd_features([(self.adapters(s, s_feats.maps[s]), t_feats.maps[t]) for s, t in self.pairs],
+                           self.feature_loss) if self.pairs else logits.new_zeros(len(self.layers))
+        return Lesson(logits, F.cross_entropy(logits, y), kd_logit(logits, t_logits, self.temperature), feat)
 
 
 @torch.no_grad()
@@ -287,7 +286,7 @@ def kdp(
         n_ahead += meta_step.fresh_batches
         with torch.random.fork_rng(devices=[]):  # their augmentation leaves the training stream's RNG as it was
             drawn = [next(ahead_iter) for _ in range(meta_step.fresh_batches)]
-        return [(precision.inputs(a, device), b.to(device)) for a, b in drawn]
+        return [(precision.inputs(a, device), b.to(device, non_blocking=True)) for a, b in drawn]
     precision = s.precision
     precision.prepare(student, room.teacher[0])
     replica = dist.wrap(student)
@@ -299,7 +298,7 @@ def kdp(
             seek(train, epoch, batch)
             for x, y in train:
                 where = f"KDP iteration {it + 1} (epoch {epoch})"
-                x, y = precision.inputs(x, device), y.to(device)
+                x, y = precision.inputs(x, device), y.to(device, non_blocking=True)
                 # 1. the policy reads the smoothed state
                 w = policy(tracker.state()).detached()
                 # 2. teacher and student forward (under torchrun: the DDP replica's forward)
@@ -360,7 +359,7 @@ def kdp(
                          **_to_host({"ce": lesson.ce, "kd": kd, "alpha_out": w.alpha_out, **signals.per_layer(),
                                      "alpha": w.alpha, "rho": w.rho}), **meta})
                 ckpt.step(it, lambda: state(epoch, batch))
-            metrics = evaluate(student, test, device)
+            metrics = dist.once(lambda: evaluate(student, test, device, precision))  # the whole test split
             log({"phase": "kdp", "iter": it, "epoch": epoch + 1, "test_acc": metrics["acc"],
                  "test_loss": metrics["loss"]})
             ckpt.save(state(epoch + 1, 0))
@@ -392,7 +391,7 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
 
     distils = weights.distils()  # decided once: the weights are fixed
     if resumed is None:
-        metrics = evaluate(student, test, device)
+        metrics = dist.once(lambda: evaluate(student, test, device, precision))
         ckpt.save(state(0, 0))
     else:
         metrics, it, first_epoch, first_batch = _restore(resumed, lr, room, opt, sched)
@@ -405,7 +404,7 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
             batch = first_batch if epoch == first_epoch else 0
             seek(train, epoch, batch)
             for x, y in train:
-                x, y = precision.inputs(x, device), y.to(device)
+                x, y = precision.inputs(x, device), y.to(device, non_blocking=True)
                 with precision.autocast(device):
                     lesson = room.lesson(student, x, y, forward=replica, distil=distils)
                     loss = lesson.ce + lesson.distillation(weights) if distils else lesson.ce
@@ -419,7 +418,7 @@ def finetune(student: nn.Module, room: Classroom, weights: Weights, train: DataL
                 it += 1
                 batch += 1
                 ckpt.step(it, lambda: state(epoch, batch))
-            metrics = evaluate(student, test, device)
+            metrics = dist.once(lambda: evaluate(student, test, device, precision))
             log({"phase": "finetune", "epoch": epoch + 1, "test_acc": metrics["acc"], "test_loss": metrics["loss"]})
             ckpt.save(state(epoch + 1, 0))
     return metrics

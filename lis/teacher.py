@@ -26,7 +26,7 @@ from lis.config import Config
 from lis.data import Loaders, Splits, make_loaders
 from lis.errors import LISError, NumericalFault
 from lis.run import atomic_save, seed_everything
-from lis.train import evaluate, fit
+from lis.train import Precision, evaluate, fit
 
 # Data fields that do not change which samples a teacher sees or how.
 _DATA_IRRELEVANT = ("root", "download", "num_workers")
@@ -84,36 +84,39 @@ def load_teacher(path: str | Path, model_name: str, num_classes: int) -> tuple[n
 
 
 def train_teacher(cfg: Config, splits: Splits, loaders: Loaders, device: torch.device,
-                  log: Optional[Callable[[dict], None]] = None, model: Optional[nn.Module] = None
-                  ) -> tuple[nn.Module, float]:
-    """Train a fresh teacher from the ``teacher`` section (or ``model``, from the weights it has); returns it
-    and its test accuracy.
+                  log: Optional[Callable[[dict], None]] = None, model: Optional[nn.Module] = None,
+                  precision: Optional[Precision] = None) -> tuple[nn.Module, float]:
+    """Train a fresh teacher from the ``teacher`` section (or ``model``, from the weights it has), its forward
+    passes in ``precision`` (the run's ``run.amp`` and ``run.channels_last``); returns it and its test accuracy.
 
     Initialisation and data order follow ``teacher.seed`` only.
     """
     t = cfg.teacher
     seed_everything(t.seed)
     model = (models.create(cfg.model.name, splits.num_classes) if model is None else model).to(device)
-    train = make_loaders(splits, cfg.data.batch_size, cfg.data.num_workers, seed=t.seed).train
+    train = make_loaders(splits, cfg.data.batch_size, cfg.data.num_workers, seed=t.seed,
+                         pin_memory=device.type == "cuda").train
     try:
         metrics = fit(model, train, loaders.test, device, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
                       weight_decay=t.weight_decay, schedule=t.schedule, label_smoothing=t.label_smoothing,
-                      log=log, desc="teacher")
+                      log=log, desc="teacher", precision=precision)
     except NumericalFault as e:
         raise NumericalFault(f"{e}: lower teacher.lr (now {t.lr:g}) and start again") from None
     return model, metrics["acc"]
 
 
 def get_teacher(cfg: Config, splits: Splits, loaders: Loaders, device: torch.device,
-                log: Optional[Callable[[dict], None]] = None) -> tuple[nn.Module, float, Path]:
-    """The teacher for ``cfg``: from ``teacher.checkpoint``, else the cache, else trained and cached.
+                log: Optional[Callable[[dict], None]] = None, precision: Optional[Precision] = None
+                ) -> tuple[nn.Module, float, Path]:
+    """The teacher for ``cfg``: from ``teacher.checkpoint``, else the cache, else trained (in ``precision``)
+    and cached.
 
     Returns the model (on ``device``, eval mode), its test accuracy and the checkpoint path.
     """
     if cfg.teacher.checkpoint is not None:
         path = Path(cfg.teacher.checkpoint)
         model, _ = load_teacher(path, cfg.model.name, splits.num_classes)
-        acc = evaluate(model.to(device), loaders.test, device)["acc"]
+        acc = evaluate(model.to(device), loaders.test, device, precision)["acc"]
     else:
         path = Path(cfg.run.dir) / "teachers" / f"{teacher_key(cfg)}.pt"
         # runs started at once need the same teacher: one trains it, the others wait and load it
@@ -121,6 +124,6 @@ def get_teacher(cfg: Config, splits: Splits, loaders: Loaders, device: torch.dev
             if path.is_file():
                 model, acc = load_teacher(path, cfg.model.name, splits.num_classes)
             else:
-                model, acc = train_teacher(cfg, splits, loaders, device, log)
+                model, acc = train_teacher(cfg, splits, loaders, device, log, precision=precision)
                 save_teacher(path, model, cfg.model.name, splits.num_classes, acc)
     return model.to(device).eval(), acc, path

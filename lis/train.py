@@ -21,14 +21,18 @@ from lis.run import progress
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict:
-    """Top-1 accuracy (a fraction in [0, 1]) and mean cross-entropy over ``loader``, in eval mode."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
+             precision: Optional[Precision] = None) -> dict:
+    """Top-1 accuracy (a fraction in [0, 1]) and mean cross-entropy over ``loader``, in eval mode, the
+    forward passes in ``precision``."""
+    precision = precision or Precision()
     was_training = model.training
     model.eval()
     correct, loss, n = 0, 0.0, 0
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
+        x, y = precision.inputs(x, device), y.to(device, non_blocking=True)
+        with precision.autocast(device):
+            logits = model(x).float()
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         n += y.numel()
@@ -65,9 +69,10 @@ class Precision:
                 m.to(memory_format=torch.channels_last)  # 4-D weights only
 
     def inputs(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        # non-blocking: from a pinned batch (a CUDA run's loaders) the copy overlaps the host's work
         if self.channels_last and x.dim() == 4:
-            return x.to(device, memory_format=torch.channels_last)
-        return x.to(device)
+            return x.to(device, memory_format=torch.channels_last, non_blocking=True)
+        return x.to(device, non_blocking=True)
 
 
 def fit(
@@ -92,12 +97,12 @@ def fit(
     precision.prepare(model)
     opt = sgd(model, lr, momentum, weight_decay)
     sched = scheduler(opt, schedule, epochs)
-    metrics = evaluate(model, test_loader, device) if epochs == 0 else {}
+    metrics = evaluate(model, test_loader, device, precision) if epochs == 0 else {}
     for epoch in progress(range(epochs), desc=desc):
         model.train()
         total, n = 0.0, 0
         for i, (x, y) in enumerate(train_loader):
-            x, y = precision.inputs(x, device), y.to(device)
+            x, y = precision.inputs(x, device), y.to(device, non_blocking=True)
             with precision.autocast(device):
                 loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
             value = loss.item()
@@ -109,7 +114,7 @@ def fit(
             total += value * y.numel()
             n += y.numel()
         sched.step()
-        metrics = evaluate(model, test_loader, device)
+        metrics = evaluate(model, test_loader, device, precision)
         if log is not None:
             log({"phase": desc, "epoch": epoch + 1, "train_loss": total / max(n, 1),
                  "test_loss": metrics["loss"], "test_acc": metrics["acc"]})

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lis.losses
+import lis.school
 from lis.cli import main
 from lis.school import guard
 from lis.errors import NumericalFault
@@ -141,14 +141,13 @@ def test_a_signal_saves_a_checkpoint_and_the_run_resumes_from_it(root, reference
 def test_a_nan_stops_the_run_naming_iteration_layer_and_quantity_and_a_lower_lr_finishes_it(
         root, reference, monkeypatch, capsys):
     reference("fixed")  # the teacher is cached
-    real, calls = lis.losses.FEATURE_LOSSES["attention"], itertools.count()
-    pairs = 4  # mnist1d_cnn: one KD_feat term per layer, one lesson per KDP iteration (fixed policy)
+    real, calls = lis.school.kd_features, itertools.count()
 
-    def poisoned(student_map, teacher_map):
-        loss = real(student_map, teacher_map)
-        return loss * float("nan") if next(calls) == 12 * pairs + 1 else loss  # iteration 13, second layer
+    def poisoned(pairs, feature_loss):  # one call per lesson, one lesson per KDP iteration (fixed policy)
+        loss = real(pairs, feature_loss)
+        return loss * torch.tensor([1, float("nan"), 1, 1]) if next(calls) == 12 else loss  # iteration 13, layer 2
 
-    monkeypatch.setitem(lis.losses.FEATURE_LOSSES, "attention", poisoned)
+    monkeypatch.setattr(lis.school, "kd_features", poisoned)
     run_dir = root / "runs" / "nan"
     code = main(["compress", CONFIG, *overrides(root, "nan", "policy.name=fixed")])
     err = capsys.readouterr().err
@@ -158,7 +157,7 @@ def test_a_nan_stops_the_run_naming_iteration_layer_and_quantity_and_a_lower_lr_
                    f"'lis compress --resume {run_dir} kdp.lr=0.005 finetune.lr=0.001'\n")
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["iter"] == 10
 
-    monkeypatch.setitem(lis.losses.FEATURE_LOSSES, "attention", real)
+    monkeypatch.setattr(lis.school, "kd_features", real)
     assert main(["compress", "--resume", str(run_dir), "kdp.lr=0.005", "finetune.lr=0.001"]) == 0
     assert (run_dir / "summary.json").is_file()  # finished; what it computed is checked below
     assert "resumed from kdp iteration 10 with kdp.lr: 0.05 -> 0.005, finetune.lr: 0.01 -> 0.001" in \
