@@ -73,7 +73,7 @@ class Dean(Policy):
         alpha_out = self.a_max * torch.sigmoid(out).squeeze(0)
         rho = torch.exp(self.log_r_min + r * (self.log_r_max - self.log_r_min)) if self.learn_rho else \
             torch.full_like(r, self.init_rho)
-        return Weights(alpha_out, self.a_max * a, rho)
+        return Weights(alpha_out, self.a_max * a, rho, known_distils=True)  # sigmoids: every weight above 0
 
 
 class MLPDean(Dean):

@@ -14,7 +14,7 @@ A new fixed-weight baseline is a few lines here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -28,16 +28,20 @@ class Weights:
     alpha_out: torch.Tensor  #: scalar a_out
     alpha: torch.Tensor  #: (L,) a_l
     rho: torch.Tensor  #: (L,) r_l
+    #: whether they distil, when the policy knows without looking at the tensors (no host sync); None: look
+    known_distils: Optional[bool] = None
 
     def detached(self) -> "Weights":
-        return Weights(self.alpha_out.detach(), self.alpha.detach(), self.rho.detach())
+        return Weights(self.alpha_out.detach(), self.alpha.detach(), self.rho.detach(), self.known_distils)
 
     def to(self, device: torch.device) -> "Weights":
-        return Weights(self.alpha_out.to(device), self.alpha.to(device), self.rho.to(device))
+        return Weights(self.alpha_out.to(device), self.alpha.to(device), self.rho.to(device), self.known_distils)
 
     def distils(self) -> bool:
         """Whether any distillation weight is non-zero (a teacher is used at all)."""
-        return bool(self.alpha_out.detach() > 0 or (self.alpha.detach() > 0).any())
+        if self.known_distils is not None:
+            return self.known_distils
+        return bool(torch.cat([self.alpha_out.detach().reshape(1), self.alpha.detach()]).gt(0).any())
 
 
 class Policy(nn.Module):
@@ -54,6 +58,8 @@ class FixedPolicy(Policy):
     def __init__(self, alpha_out: float, alpha: float | Sequence[float], rho: float | Sequence[float]):
         super().__init__()
         self.alpha_out = float(alpha_out)
+        per_layer = [alpha] if isinstance(alpha, (int, float)) else alpha
+        self.teaches = self.alpha_out > 0 or any(v > 0 for v in per_layer)  # known here: no sync per iteration
         for name, value in (("alpha", alpha), ("rho", rho)):
             if isinstance(value, (int, float)):
                 setattr(self, name, float(value))
@@ -63,7 +69,7 @@ class FixedPolicy(Policy):
     def forward(self, signals: Signals) -> Weights:
         n, device = len(signals.distillability), signals.distillability.device
         return Weights(torch.tensor(self.alpha_out, device=device), _per_layer(self.alpha, n, device),
-                       _per_layer(self.rho, n, device))
+                       _per_layer(self.rho, n, device), self.teaches)
 
 
 def _per_layer(value: float | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:

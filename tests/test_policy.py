@@ -50,3 +50,18 @@ def test_weights_distils():
 def test_unknown_policy_is_a_user_error(name):
     with pytest.raises(LISError, match="policy.name"):
         create_policy(name, alpha_out=1.0, alpha=1.0, rho=1e-3)
+
+
+def test_whether_weights_distil_is_known_without_reading_them():
+    """A fixed policy knows from its constants whether it distils, and the dean always does, so the KDP loop
+    asks without a host sync; weights of unknown origin are read (one sync)."""
+    from lis.dean import create_dean
+    from lis.signals import SignalTracker
+
+    state = SignalTracker(3).state()
+    assert FixedPolicy(0.0, [0.0, 0.5, 0.0], 0.1)(state).known_distils is True
+    assert FixedPolicy(0.0, 0.0, 0.1)(state).known_distils is False
+    assert FixedPolicy(1.0, 0.0, 0.1)(state).detached().known_distils is True
+    assert create_dean()(state).known_distils is True
+    zero, one = torch.zeros(3), torch.tensor([0.0, 0.0, 2.0])
+    assert Weights(torch.tensor(0.0), one, zero).distils() and not Weights(torch.tensor(0.0), zero, zero).distils()
