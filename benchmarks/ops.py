@@ -37,15 +37,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import MODELS, Bench, build  # noqa: E402
+from throughput import MODELS, Bench, build, run_loop  # noqa: E402
 
 from lis.config import Config  # noqa: E402
-from lis.groups import find_groups  # noqa: E402
-from lis.meta import MetaLearner  # noqa: E402
-from lis.pipeline import build_policy, plan  # noqa: E402
-from lis.policy import create_policy  # noqa: E402
-from lis.school import Classroom, KDPSettings, kdp  # noqa: E402
-from lis.train import fit  # noqa: E402
 
 TARGET_OPS, TARGET_SYNCS = 1.5, 1
 SYNC_METHODS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "equal"}
@@ -116,27 +110,10 @@ def reference(b: Bench) -> tuple[int, int]:
 
 def run(b: Bench, loop: str, iters: int, cfg: Config) -> list[tuple[int, int]]:
     torch.manual_seed(1)
-    student, count = copy.deepcopy(b.student), Count()
-    train, k = Ledger(b.pool, iters, count), cfg.kdp
-    if loop == "plain":
-        with count, Syncs(count):
-            fit(student, train, [], b.device, epochs=1, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay)
-        return train.per_iter
-    groups, admm = plan(student, b.example, cfg)
-    room = Classroom(b.teacher, student, [g.name for g in groups], [g.name for g in find_groups(b.teacher, b.example)],
-                     b.example, k.temperature, features=k.feature_layers == "all").to(b.device)
-    p, m = cfg.policy, cfg.meta
-    if loop == "fixed":
-        policy, meta_step = create_policy("fixed", alpha_out=p.alpha_out, alpha=p.alpha, rho=p.rho), None
-    else:
-        policy = build_policy(cfg).to(b.device)
-        meta_step = MetaLearner(policy, lr=m.lr, unroll=m.unroll, beta=m.beta, backend=m.backend)
-    settings = KDPSettings(epochs=1, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
-                           admm_interval=cfg.admm.interval, signals_interval=cfg.signals.interval,
-                           ema=cfg.signals.ema, meta_interval=m.interval)
+    count = Count()
+    train = Ledger(b.pool, iters, count)
     with count, Syncs(count):
-        kdp(student, room, groups, admm, policy, train, [], b.device, settings, log=lambda record: None,
-            meta_step=meta_step, meta_batches=b.pool[:1])
+        run_loop(b, copy.deepcopy(b.student), loop, train, cfg)
     return train.per_iter
 
 

@@ -151,16 +151,36 @@ def build(model: Model, device: torch.device, batch: int) -> Bench:
     return Bench(model, device, batch, teacher, student, torch.zeros(2, *shape, device=device), pool)
 
 
-def seconds(b: Bench, loop: str, warmup: int, iters: int, cfg: Config, precision: Precision = Precision()) -> float:
-    """Wall time of ``iters`` iterations of ``loop`` after ``warmup`` untimed ones, from a fresh student."""
-    torch.manual_seed(1)  # the adapters and the dean start the same in every call
-    student = copy.deepcopy(b.student)
-    train = Stopwatch(b.pool, warmup, iters, b.device)
+def run_loop(b: Bench, student: nn.Module, loop: str, train, cfg: Config, precision: Precision = Precision()) -> None:
+    """``loop`` on ``student`` over the batches of ``train``: plain training, or the KDP loop of the fixed policy
+    or of the dean, set up as ``lis compress`` sets it up (``benchmarks/ops.py`` counts the same loops)."""
     k = cfg.kdp
     if loop == "plain":
         fit(student, train, [], b.device, epochs=1, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
             precision=precision)
-        return train.seconds
+        return
+    groups, admm = plan(student, b.example, cfg)
+    room = Classroom(b.teacher, student, [g.name for g in groups], [g.name for g in find_groups(b.teacher, b.example)],
+                     b.example, k.temperature, features=k.feature_layers == "all").to(b.device)
+    p, m = cfg.policy, cfg.meta
+    if loop == "fixed":
+        policy, meta_step = create_policy("fixed", alpha_out=p.alpha_out, alpha=p.alpha, rho=p.rho), None
+    else:
+        policy = build_policy(cfg).to(b.device)
+        meta_step = MetaLearner(policy, lr=m.lr, unroll=m.unroll, beta=m.beta, backend=m.backend)
+    settings = KDPSettings(epochs=1, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
+                           admm_interval=cfg.admm.interval, signals_interval=cfg.signals.interval,
+                           ema=cfg.signals.ema, meta_interval=m.interval, precision=precision)
+    kdp(student, room, groups, admm, policy, train, [], b.device, settings, log=lambda record: None,
+        meta_step=meta_step, meta_batches=b.pool[:1])
+
+
+def seconds(b: Bench, loop: str, warmup: int, iters: int, cfg: Config, precision: Precision = Precision()) -> float:
+    """Wall time of ``iters`` iterations of ``loop`` after ``warmup`` untimed ones, from a fresh student."""
+    torch.manual_seed(1)  # the adapters and the dean start the same in every call
+    train = Stopwatch(b.pool, warmup, iters, b.device)
+    run_loop(b, copy.deepcopy(b.student), loop, train, cfg, precision)
+    return train.seconds
     groups, admm = plan(student, b.example, cfg)
     room = Classroom(b.teacher, student, [g.name for g in groups], [g.name for g in find_groups(b.teacher, b.example)],
                      b.example, k.temperature, features=k.feature_layers == "all").to(b.device)
