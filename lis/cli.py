@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs of plain distillation for the distillability curves, at most kdp.epochs")
     p.set_defaults(func=_probe)
 
-    p = sub.add_parser("demo", help="the embedded demo: dean vs baselines on MNIST-1D, 3 seeds, ~5 min on 2 CPU cores",
+    p = sub.add_parser("demo", help="the embedded demo: dean vs baselines on MNIST-1D, 3 seeds, about 2 min on 2 CPU cores",
                        description=f"Compare {', '.join(DEMO_POLICIES)} on MNIST-1D at a 90%% MACs cut "
                                    f"(experiments/{DEMO_CONFIG}), three seeds, and print the table. --quick: one seed, "
                                    f"short schedules, about a minute.")
