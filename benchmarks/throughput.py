@@ -181,21 +181,6 @@ def seconds(b: Bench, loop: str, warmup: int, iters: int, cfg: Config, precision
     train = Stopwatch(b.pool, warmup, iters, b.device)
     run_loop(b, copy.deepcopy(b.student), loop, train, cfg, precision)
     return train.seconds
-    groups, admm = plan(student, b.example, cfg)
-    room = Classroom(b.teacher, student, [g.name for g in groups], [g.name for g in find_groups(b.teacher, b.example)],
-                     b.example, k.temperature, features=k.feature_layers == "all").to(b.device)
-    p, m = cfg.policy, cfg.meta
-    if loop == "fixed":
-        policy, meta_step = create_policy("fixed", alpha_out=p.alpha_out, alpha=p.alpha, rho=p.rho), None
-    else:
-        policy = build_policy(cfg).to(b.device)
-        meta_step = MetaLearner(policy, lr=m.lr, unroll=m.unroll, beta=m.beta, backend=m.backend)
-    settings = KDPSettings(epochs=1, lr=k.lr, momentum=k.momentum, weight_decay=k.weight_decay,
-                           admm_interval=cfg.admm.interval, signals_interval=cfg.signals.interval,
-                           ema=cfg.signals.ema, meta_interval=m.interval, precision=precision)
-    kdp(student, room, groups, admm, policy, train, [], b.device, settings, log=lambda record: None,
-        meta_step=meta_step, meta_batches=b.pool[:1])
-    return train.seconds
 
 
 def multiples(lo: int, hi: int, interval: int) -> int:
