@@ -163,13 +163,7 @@ def test_pruned_ce_is_the_hard_pruned_student_with_bn_recalibrated_on_the_meta_b
                 m.running_var.uniform_(0.5, 2.0)
     learner = MetaLearner(dean, lr=1e-3, beta=0.0, objective="pruned_ce")
     _, ce = learner.objective(student, room, admm, signals, batch, meta_batch, lr=0.0)  # no step: W' = W
-    masked = copy.deepcopy(student)
-    params = dict(masked.named_parameters())
-    with torch.no_grad():
-        for g in admm.groups:
-            for name, dim in g.out_slices:
-                params[name].index_fill_(dim, (~admm.masks[g.name]).nonzero().flatten(), 0.0)
-    small = hard_prune(masked.eval(), admm.groups, admm.masks, meta_batch[0][:2])
+    small = hard_prune(tm.zeroed_by_hand(student, admm).eval(), admm.groups, admm.masks, meta_batch[0][:2])
     with torch.no_grad():
         expected = nn.functional.cross_entropy(_recalibrated(small, meta_batch[0])(meta_batch[0]), meta_batch[1])
         stale = nn.functional.cross_entropy(small.eval()(meta_batch[0]), meta_batch[1])
