@@ -317,12 +317,10 @@ def run_compress(cfg: Config, inputs: Inputs, overwrite: bool = False, resume: b
         modules = dict(small.named_modules())
         kept = [modules[g.name].weight.shape[0] for g in groups]
         # the val split, whole and in order: the accuracy to choose settings on
-        val_acc = evaluate(small, DataLoader(splits.val, batch_size=cfg.data.batch_size), device,
-                           precision(cfg))["acc"] \
-            if len(splits.val) else None
+        val = DataLoader(splits.val, batch_size=cfg.data.batch_size)
+        val_acc = evaluate(small, val, device, precision(cfg))["acc"] if len(splits.val) else None
         # the policy's logged weights (metrics.jsonl, written by process 0 alone)
-        spread = layer_spread([json.loads(line) for line in log.path.read_text().splitlines()]) \
-            if dist.is_main() else None
+        spread = layer_spread([json.loads(line) for line in log.path.read_text().splitlines()])
         summary = summarize(cfg, teacher, small, splits.input_shape, teacher_acc, metrics["acc"], ckpt.elapsed(),
                             layers, [g.num_channels for g in groups], kept, val_acc=val_acc, spread=spread)
         log.log({"phase": "summary", **{k: v for k, v in summary.items() if not isinstance(v, (list, dict))}})

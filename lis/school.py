@@ -276,6 +276,9 @@ def kdp(
     rescale = getattr(policy, "learn_rho", False)  # only a dean that learns r_l changes it
     meta_iter = batches_from(meta_batches, n_meta) if meta_step is not None else None
     ahead_iter = batches_from(ahead_batches, n_ahead) if meta_step is not None and ahead_batches else None
+    precision = s.precision
+    precision.prepare(student, room.teacher[0])
+    replica = dist.wrap(student)
 
     def ahead() -> list:
         """The meta step's look-ahead batches: ``meta_step.fresh_batches`` fresh ones, or the batch just trained
@@ -287,9 +290,6 @@ def kdp(
         with torch.random.fork_rng(devices=[]):  # their augmentation leaves the training stream's RNG as it was
             drawn = [next(ahead_iter) for _ in range(meta_step.fresh_batches)]
         return [(precision.inputs(a, device), b.to(device, non_blocking=True)) for a, b in drawn]
-    precision = s.precision
-    precision.prepare(student, room.teacher[0])
-    replica = dist.wrap(student)
 
     with ckpt.armed():
         for epoch in progress(range(first_epoch, s.epochs), desc="kdp"):

@@ -39,10 +39,14 @@ def test_val_split_is_disjoint_from_every_other_split_by_content():
 
 def test_config_carves_the_val_split_with_a_fixed_seed():
     """run.seed orders batches only: two seeds see the same val split, so their val_acc compare."""
+    cfg = load_config("experiments/digits.yaml", ["run.seed=3"])
     a, _ = load_data(load_config("experiments/digits.yaml", ["run.seed=0"]))
-    b, _ = load_data(load_config("experiments/digits.yaml", ["run.seed=3"]))
-    assert a.val.indices == b.val.indices and len(a.val) > 0
-    assert not set(a.val.indices) & set(a.meta.indices)
+    b, _ = load_data(cfg)
+    # both are the split of the fixed split seed 0, whatever run.seed, at the configured fractions
+    n, d = len(b.val.dataset), cfg.data
+    expected = meta_split(n, d.meta_fraction, 0, d.val_fraction)
+    assert b.val.indices == a.val.indices == expected[2] and len(expected[2]) == round(d.val_fraction * n)
+    assert b.meta.indices == expected[1] and b.train.indices == expected[0]
 
 
 @pytest.fixture(scope="module")
