@@ -618,7 +618,7 @@ def plot_probe(probe_dir: str | os.PathLike) -> list[Path]:
     axes[0].axhline(100 * p["max_drop"], color="red", linestyle="--", linewidth=0.9,
                     label=f"max drop {100 * p['max_drop']:g} pt")
     axes[0].set_xlabel("channels removed from this layer only (%)")
-    axes[0].set_ylabel("test accuracy drop vs teacher (points)")
+    axes[0].set_ylabel(f"{p.get('split', 'test')} accuracy drop vs teacher (points)")
     axes[0].set_title(f"sensitivity (teacher {100 * p['teacher_acc']:.2f}%)", fontsize="medium")
     axes[0].legend(fontsize="x-small", ncol=2 if L > MAX_LEGEND else 1)
     axes[0].grid(alpha=0.3)

@@ -13,15 +13,16 @@ Two offline measurements (docs/design.md section 1) on the teacher of a config
 (b) **sparsability** per layer by a sensitivity sweep: for each channel group
     alone, remove the fraction r in ``RATIOS`` of its channels (round(r * n),
     keeping at least one; the channels of smallest group L2 norm go, as in
-    the Z-step), measure test accuracy, and take the drop from the teacher's.
+    the Z-step), measure the accuracy, and take the drop from the teacher's.
     Zeroing the channels (``lis.prune.mask_``) gives in eval mode the same
     outputs as removing them (``hard_prune``), so no model is rebuilt.
     A layer's sparsability is the largest r whose drop is at most ``max_drop``
     (``sparsability``).
 
-The sweep reads the test split because the probe reports, it selects
-nothing; a researcher who sets per-layer budgets from it should rerun it on
-held-out training data. Writes into ``out_dir`` (default
+Accuracies are measured on the val split (``data.val_fraction``), so per-layer
+budgets or weights may be chosen from them and the test split stays for
+reports; on the test split only when the config has no val split
+(``probe.json``'s ``split`` says which). Writes into ``out_dir`` (default
 ``<run.dir>/<run.name>-probe/``): ``probe.json``, ``config.yaml``,
 ``probe_distillability.png`` and ``probe_sparsability.png``.
 """
@@ -35,6 +36,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from lis.config import Config, to_yaml
 from lis.errors import LISError
@@ -50,7 +52,7 @@ from lis.train import evaluate
 
 #: fractions of a layer's channels removed by the sensitivity sweep
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-#: accuracies are counts over the test split, so a drop of exactly ``max_drop`` can exceed it by rounding
+#: accuracies are counts over a split, so a drop of exactly ``max_drop`` can exceed it by rounding
 _TOLERANCE = 1e-9
 
 
@@ -74,9 +76,9 @@ def removed_channels(num_channels: int, ratio: float) -> int:
 
 
 @torch.no_grad()
-def sensitivity(teacher: torch.nn.Module, groups: Sequence[ChannelGroup], test, device: torch.device,
+def sensitivity(teacher: torch.nn.Module, groups: Sequence[ChannelGroup], data, device: torch.device,
                 ratios: Sequence[float] = RATIOS) -> tuple[np.ndarray, np.ndarray]:
-    """``(accuracy (L, R), removed channels (L, R))``: test accuracy (fractions) with only group l pruned at
+    """``(accuracy (L, R), removed channels (L, R))``: accuracy on ``data`` (fractions) with only group l pruned at
     ratio r (its channels of smallest norm zeroed), every other layer intact."""
     work = copy.deepcopy(teacher).eval()
     pristine = {k: v.clone() for k, v in work.state_dict().items()}
@@ -88,7 +90,7 @@ def sensitivity(teacher: torch.nn.Module, groups: Sequence[ChannelGroup], test, 
             work.load_state_dict(pristine)
             masks = keep_masks_from_norms(work, [g], {g.name: g.num_channels - removed[i, j]})
             mask_(work, [g], masks)
-            acc[i, j] = evaluate(work, test, device)["acc"]
+            acc[i, j] = evaluate(work, data, device)["acc"]
     return acc, removed
 
 
@@ -115,7 +117,10 @@ def probe(cfg: Config, out_dir: Optional[str | Path] = None, *, epochs: int = 3,
 
     teacher, _, _ = get_teacher(cfg, splits, loaders, device, precision=precision(cfg))
     teacher.requires_grad_(False)
-    teacher_acc = evaluate(teacher, loaders.test, device)["acc"]
+    # accuracies on the val split (the protocol reads the test split only for reports); on test without one
+    split = "val" if len(splits.val) else "test"
+    held_out = DataLoader(splits.val, batch_size=cfg.data.batch_size) if len(splits.val) else loaders.test
+    teacher_acc = evaluate(teacher, held_out, device)["acc"]
 
     # (a) distillability over plain distillation: the KDP loop with a = 1 and r = 0, raw measurements (ema 0)
     seed_everything(cfg.run.seed)
@@ -130,18 +135,19 @@ def probe(cfg: Config, out_dir: Optional[str | Path] = None, *, epochs: int = 3,
                            weight_decay=cfg.kdp.weight_decay, admm_interval=cfg.admm.interval,
                            signals_interval=cfg.signals.interval, ema=0.0, meta_interval=cfg.meta.interval)
     records: list[dict] = []
-    kdp(student, room, groups, admm, FixedPolicy(1.0, 1.0, 0.0), loaders.train, loaders.test, device, settings,
+    kdp(student, room, groups, admm, FixedPolicy(1.0, 1.0, 0.0), loaders.train, held_out, device, settings,
         records.append)
     curves = parse_records(records)
 
     # (b) sparsability by a per-layer sensitivity sweep of the teacher
-    acc, removed = sensitivity(teacher, groups, loaders.test, device)
+    acc, removed = sensitivity(teacher, groups, held_out, device)
     drops = teacher_acc - acc
     spars = [sparsability(RATIOS, d, max_drop) for d in drops]
 
     result = {
         "model": cfg.model.name,
         "data": cfg.data.name,
+        "split": split,  #: the split teacher_acc and accuracy are measured on
         "teacher_acc": teacher_acc,
         "layer_names": names,
         "channels": [g.num_channels for g in groups],
@@ -167,7 +173,8 @@ def format_probe(result: dict) -> str:
     """A per-layer table of the probe: channels, sparsability, distillability (first and last epoch's mean)."""
     d = result["distillability"]
     values, epoch = np.array(d["values"], dtype=float), np.array(d["epoch"], dtype=int)
-    lines = [f"teacher {result['model']} on {result['data']}: test accuracy {result['teacher_acc']:.4f}; "
+    lines = [f"teacher {result['model']} on {result['data']}: {result.get('split', 'test')} accuracy "
+             f"{result['teacher_acc']:.4f}; "
              f"sparsability = largest prune ratio with accuracy drop <= {100 * result['max_drop']:g} points",
              f"{'layer':<24} {'channels':>8} {'sparsability':>12} {'distillability (first -> last epoch)':>38}"]
     for i, name in enumerate(result["layer_names"]):

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from lis.config import load_config
 from lis.errors import LISError
@@ -85,7 +86,8 @@ def test_sweep_equals_physically_pruned_teachers(tiny):
     splits, loaders = load_data(cfg)
     device = torch.device("cpu")
     teacher, _, _ = get_teacher(cfg, splits, loaders, device)
-    assert p["teacher_acc"] == evaluate(teacher, loaders.test, device)["acc"]
+    val = DataLoader(splits.val, batch_size=cfg.data.batch_size)  # the protocol: the probe reads val, not test
+    assert p["split"] == "val" and p["teacher_acc"] == evaluate(teacher, val, device)["acc"]
     example = torch.zeros(2, *splits.input_shape)
     groups = find_groups(teacher, example)
     assert [g.name for g in groups] == p["layer_names"] and [g.num_channels for g in groups] == p["channels"]
@@ -94,7 +96,7 @@ def test_sweep_equals_physically_pruned_teachers(tiny):
         masks = keep_masks_from_norms(teacher, [g], {g.name: g.num_channels - p["removed_channels"][i][j]})
         small = hard_prune(teacher, groups, masks, example)
         assert dict(small.named_modules())[g.name].weight.shape[0] == g.num_channels - p["removed_channels"][i][j]
-        assert evaluate(small, loaders.test, device)["acc"] == pytest.approx(p["accuracy"][i][j], abs=1e-12)
+        assert evaluate(small, val, device)["acc"] == pytest.approx(p["accuracy"][i][j], abs=1e-12)
 
 
 def test_an_existing_probe_is_kept_without_overwrite(tiny):
