@@ -77,15 +77,16 @@ def aggregate(rows: Sequence[Mapping]) -> list[dict]:
     return out
 
 
-def paired_difference(rows: Sequence[Mapping], a_label: str, b_label: str) -> dict:
-    """Student accuracy of ``a_label`` minus ``b_label``, paired by seed over the seeds both have.
+def paired_difference(rows: Sequence[Mapping], a_label: str, b_label: str, metric: str = "student_acc") -> dict:
+    """Student accuracy (``metric``: a column, e.g. ``val_acc``) of ``a_label`` minus ``b_label``, paired by
+    seed over the seeds both have.
 
     Returns ``mean``, ``lo``, ``hi`` (the 95% confidence interval of the mean difference from the t
     distribution with n - 1 degrees of freedom) and ``n``; fractions, like the accuracies. With one
     common seed the interval is undefined (``lo`` = ``hi`` = nan); with none, the mean is nan too.
     """
-    a = {int(r["seed"]): float(r["student_acc"]) for r in rows if r["label"] == a_label}
-    b = {int(r["seed"]): float(r["student_acc"]) for r in rows if r["label"] == b_label}
+    a = {int(r["seed"]): float(r[metric]) for r in rows if r["label"] == a_label}
+    b = {int(r["seed"]): float(r[metric]) for r in rows if r["label"] == b_label}
     diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
     n = len(diffs)
     if n == 0:
