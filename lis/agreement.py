@@ -16,7 +16,8 @@ interventions whose observed CI excludes 0 count (the others say nothing about t
 
     python -m lis.agreement --measured ce=runs/hg-ce --measured pruned_ce=runs/hg-pce --runs runs/iv
 
-``--measured NAME=DIR``: a comparison directory of fixed-policy runs with ``meta.measure=true`` (one setting:
+``--dean DIR``: also say, for each dean run, whether its final a_l are lower where its own hypergradients
+consistently ask for less distillation (``follows``). ``--measured NAME=DIR``: a comparison directory of fixed-policy runs with ``meta.measure=true`` (one setting:
 the base); ``--runs DIR``: directories holding the intervention runs (fixed policies that differ from the base
 in ``policy.alpha`` only), searched one level deep. Prints a markdown table.
 """
@@ -154,6 +155,30 @@ def agreement(measured: Mapping[str, Sequence[str | Path]], runs: Sequence[str |
     return {"base": base, "objectives": list(hgs), "rows": out, "metric": metric}
 
 
+def follows(run, threshold: float = 2.0) -> dict:
+    """Does a dean's run end with lower a_l on the layers its hypergradients consistently ask to distil less?
+
+    Per layer, the t statistic of dL_meta/da_l over the run's meta steps (mean / standard error); layers with
+    t > ``threshold`` ask for less distillation, the others do not. Returns ``less`` and ``rest`` (layer
+    indices), ``a_less`` and ``a_rest`` (their mean final a_l), ``follows`` (``a_less < a_rest``; None when
+    either set is empty) and ``spearman`` (of the layers' mean hypergradient with their final a_l: negative
+    when the dean follows).
+    """
+    from scipy import stats  # with scikit-learn; imported here like lis.compare's
+
+    hg = run.hypergradients["hg_alpha"]
+    mean, se = mean_and_se(hg)
+    t = mean / se
+    final = run.series["alpha"][-1]
+    less = [i for i in range(len(t)) if t[i] > threshold]
+    rest = [i for i in range(len(t)) if i not in less]
+    a_less = float(final[less].mean()) if less else float("nan")
+    a_rest = float(final[rest].mean()) if rest else float("nan")
+    return {"less": less, "rest": rest, "a_less": a_less, "a_rest": a_rest,
+            "follows": (a_less < a_rest) if less and rest else None,
+            "spearman": float(stats.spearmanr(mean, final).statistic)}
+
+
 def format_agreement(result: dict) -> str:
     """``agreement``'s result as a markdown table and one line per objective."""
     names, metric = result["objectives"], result["metric"]
@@ -183,6 +208,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="an objective's measured runs (meta.measure=true at the base setting); repeat")
     parser.add_argument("--runs", nargs="+", required=True, metavar="DIR", help="directories of intervention runs")
     parser.add_argument("--metric", default="val_acc", choices=("val_acc", "student_acc"))
+    parser.add_argument("--dean", nargs="*", default=[], metavar="DIR",
+                        help="dean runs (or directories of them): does each follow its own hypergradients?")
     args = parser.parse_args(argv)
     measured: dict[str, list[str]] = {}
     try:
@@ -192,6 +219,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise LISError(f"--measured {item!r}: give NAME=DIR, e.g. --measured ce=runs/hg-ce")
             measured.setdefault(name, []).append(d)
         print(format_agreement(agreement(measured, args.runs, args.metric)))
+        deans = [r for r in map(read_run, finished_runs(args.dean)) if r.policy == "dean" and r.hypergradients]
+        for r in deans:
+            f = follows(r)
+            print(f"- {r.dir}: layers asking to distil less (t > 2): {f['less']}; final a_l there "
+                  f"{f['a_less']:.2f} vs {f['a_rest']:.2f} elsewhere: "
+                  f"{ {True: 'follows', False: 'does not follow', None: 'undecided'}[f['follows']]}; "
+                  f"Spearman(mean dL/da_l, final a_l) {f['spearman']:+.2f}")
     except LISError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

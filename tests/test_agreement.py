@@ -95,3 +95,26 @@ def test_bad_input_is_one_line_and_exit_2(study, capsys):
     with pytest.raises(LISError, match="must all be at one setting"):
         agreement({"ce": [root / "hg"]}, [root / "iv"])
     assert main(["--measured", f"ce={root / 'hg' / 'fixed-s0'}", "--runs", str(root / "iv")]) == 0
+
+
+def test_follows_by_hand(tmp_path):
+    """Layer 0's hypergradient is consistently positive (t > 2), layers 1-2's are not: the dean follows when
+    layer 0 ends lowest."""
+    from lis.agreement import follows
+    from lis.plots import read_run
+
+    def dean(name, final):
+        path = tmp_path / name
+        write_run(path, 0, 1.0, 0.8, [[1.0, -0.1, 0.2], [1.2, 0.1, -0.3], [0.8, 0.3, -0.2]], policy="dean")
+        with open(path / "metrics.jsonl", "a") as f:
+            for a in ([1.0, 1.0, 1.0], final):
+                f.write(json.dumps({"phase": "kdp", "iter": 100, "alpha": a, "rho": [0.03] * 3}) + "\n")
+        return read_run(path)
+
+    f = follows(dean("good", [0.2, 1.4, 0.9]))
+    assert f["less"] == [0] and f["rest"] == [1, 2] and f["follows"] is True
+    assert f["a_less"] == pytest.approx(0.2) and f["a_rest"] == pytest.approx(1.15)
+    # mean hypergradients 1.0, 0.1, -0.1 (ranks 3, 2, 1) against final a 0.2, 1.4, 0.9 (ranks 1, 3, 2):
+    # 1 - 6 * (4 + 1 + 1) / (3 * 8)
+    assert f["spearman"] == pytest.approx(-0.5)
+    assert follows(dean("bad", [1.9, 1.0, 1.0]))["follows"] is False
