@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds of the report, none of them a selection seed (default: 5-9)")
     p.add_argument("--sweep", action="append", default=[], metavar="section.key=V1,V2,...",
                    help="the fixed-weight grid to choose from, repeat for more keys (default: lis.bench.GRID, "
-                        "policy.alpha=0.3,1,3 x policy.alpha_out=0.5,2)")
+                        "policy.alpha=0.1,0.3,1,3 x policy.alpha_out=0.5,2,4)")
     p.add_argument("--name", default=None, help="bench folder under run.dir (default: bench-<config stem>; the "
                                                 "selection runs go to <name>-select)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
