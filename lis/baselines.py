@@ -15,6 +15,9 @@ fine-tuning epochs on fine-tuning, so every method trains as long:
   (``GroupNormPruner.regularize`` in an ordinary training loop), pruned with
   its own global group ranking at the smallest pruning ratio (bisected) whose
   measured MACs/params meet the budget, then the same distillation fine-tuning.
+  Where the global ranking cannot meet the budget (it keeps whole layers whose
+  norms rank high while the others reach the per-layer cap), Torch-Pruning's
+  local mode, the same ratio in every layer, is bisected instead.
 """
 
 from __future__ import annotations
@@ -76,14 +79,17 @@ def tp_group_norm(model: nn.Module, example: torch.Tensor, budgets: dict[str, fl
     channels globally and removes a fraction (its pruning ratio) of them; the
     smallest ratio whose measured MACs and params meet every budget is found
     by ``steps`` bisection steps, so the cut is as close to the budget as the
-    other methods'. ``LISError`` when even its largest ratio misses a budget.
+    other methods'. Global ranking first; where even its largest ratio misses a budget (whole layers kept
+    while the rest reach ``MAX_RATIO``), the same ratio in every layer (Torch-Pruning's local mode).
+    ``LISError`` when both miss it.
     """
 
-    def pruner(m: nn.Module, ratio: float) -> tp.pruner.GroupNormPruner:
+    def pruner(m: nn.Module, ratio: float, global_pruning: bool = True) -> tp.pruner.GroupNormPruner:
         classifier = [c for c in m.modules() if isinstance(c, nn.Linear)][-1:]
         return tp.pruner.GroupNormPruner(
-            m, example, importance=tp.importance.GroupMagnitudeImportance(p=2), reg=reg, global_pruning=True,
-            pruning_ratio=ratio, max_pruning_ratio=MAX_RATIO, iterative_steps=1, ignored_layers=classifier)
+            m, example, importance=tp.importance.GroupMagnitudeImportance(p=2), reg=reg,
+            global_pruning=global_pruning, pruning_ratio=ratio, max_pruning_ratio=MAX_RATIO, iterative_steps=1,
+            ignored_layers=classifier)
 
     precision = precision or Precision()
     precision.prepare(model)
@@ -107,19 +113,23 @@ def tp_group_norm(model: nn.Module, example: torch.Tensor, budgets: dict[str, fl
     full = {k: measure[k](model) for k in budgets}
     model.eval()
 
-    def pruned(ratio: float) -> tuple[nn.Module, bool]:
+    def pruned(ratio: float, global_pruning: bool) -> tuple[nn.Module, bool]:
         small = copy.deepcopy(model)
-        pruner(small, ratio).step()
+        pruner(small, ratio, global_pruning).step()
         return small, all(measure[k](small) <= (1 - t) * full[k] for k, t in budgets.items())
 
-    best, fits = pruned(MAX_RATIO)
-    if not fits:
+    for global_pruning in (True, False):
+        best, fits = pruned(MAX_RATIO, global_pruning)
+        if fits:
+            break
+    else:
         raise LISError(f"tp_group_norm cannot reach the pruning budget: at its largest pruning ratio "
-                       f"{MAX_RATIO} the budget is still missed; lower prune.target_*_reduction")
+                       f"{MAX_RATIO}, ranked globally or per layer, the budget is still missed; lower "
+                       f"prune.target_*_reduction")
     lo, hi = 0.0, MAX_RATIO  # invariant: ratio hi fits (best), lo does not or is 0
     for _ in range(steps):
         mid = (lo + hi) / 2
-        small, fits = pruned(mid)
+        small, fits = pruned(mid, global_pruning)
         if fits:
             hi, best = mid, small
         else:

@@ -1,7 +1,10 @@
 """Issue 13's method bugs, one test each that failed before its fix (the bug is named in each docstring)."""
 
+import copy
+
 import pytest
 import torch
+import torch_pruning as tp
 from torch import nn
 
 import test_admm as ta
@@ -234,3 +237,26 @@ def test_tp_group_norm_refuses_a_budget_it_cannot_reach():
     with pytest.raises(LISError, match="tp_group_norm cannot reach the pruning budget"):
         tp_group_norm(_wide_net(), torch.zeros(2, 1, 16), {"params": 0.999}, [], torch.device("cpu"), epochs=0,
                       lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+
+def test_tp_group_norm_ranks_per_layer_where_the_global_ranking_keeps_a_layer_whole():
+    """Bug (bench, 95% of MACs, seeds 7-9): the global ranking kept whole the layers whose norms ranked high
+    while the others hit the per-layer cap, so no ratio met the budget and the run failed. A layer made 100x
+    larger reproduces it: globally ranked, the budget is missed even at the largest ratio; the per-layer
+    ranking meets it and prunes that layer too."""
+    from lis.baselines import MAX_RATIO
+
+    torch.manual_seed(0)
+    model, example = _wide_net(), torch.zeros(2, 1, 16)
+    with torch.no_grad():
+        model[3].weight.mul_(100.0)
+    full = count_macs(model, (1, 16))
+    classifier = [model[-1]]
+    glob = copy.deepcopy(model)
+    tp.pruner.GroupNormPruner(glob, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                              global_pruning=True, pruning_ratio=MAX_RATIO, max_pruning_ratio=MAX_RATIO,
+                              iterative_steps=1, ignored_layers=classifier).step()
+    assert glob[3].out_channels == 16 and 1 - count_macs(glob, (1, 16)) / full < 0.8  # the failure, by hand
+    small = tp_group_norm(model, example, {"macs": 0.8}, [], torch.device("cpu"), epochs=0, lr=0.01,
+                          momentum=0.9, weight_decay=5e-4)
+    assert 1 - count_macs(small, (1, 16)) / full >= 0.8 and small[3].out_channels < 16
