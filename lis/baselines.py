@@ -41,6 +41,7 @@ from lis.train import Precision
 
 ONE_SHOT = ("l1_prune", "scratch")
 MAX_RATIO = 0.95  #: tp_group_norm's largest pruning ratio (Torch-Pruning's max_pruning_ratio)
+LADDER = 19  #: tp_group_norm tries the ratios MAX_RATIO * k / LADDER, k = 1.., before bisecting below the first that fits
 EXTERNAL = ("tp_group_norm",)
 
 
@@ -79,9 +80,9 @@ def tp_group_norm(model: nn.Module, example: torch.Tensor, budgets: dict[str, fl
     channels globally and removes a fraction (its pruning ratio) of them; the
     smallest ratio whose measured MACs and params meet every budget is found
     by ``steps`` bisection steps, so the cut is as close to the budget as the
-    other methods'. Global ranking first; where even its largest ratio misses a budget (whole layers kept
-    while the rest reach ``MAX_RATIO``), the same ratio in every layer (Torch-Pruning's local mode).
-    ``LISError`` when both miss it.
+    other methods'. Global ranking first; where no ratio meets a budget (whole layers kept while the rest
+    reach ``MAX_RATIO``), the same ratio in every layer (Torch-Pruning's local mode). ``LISError`` when
+    both miss it.
     """
 
     def pruner(m: nn.Module, ratio: float, global_pruning: bool = True) -> tp.pruner.GroupNormPruner:
@@ -118,15 +119,17 @@ def tp_group_norm(model: nn.Module, example: torch.Tensor, budgets: dict[str, fl
         pruner(small, ratio, global_pruning).step()
         return small, all(measure[k](small) <= (1 - t) * full[k] for k, t in budgets.items())
 
-    for global_pruning in (True, False):
-        best, fits = pruned(MAX_RATIO, global_pruning)
-        if fits:
-            break
-    else:
-        raise LISError(f"tp_group_norm cannot reach the pruning budget: at its largest pruning ratio "
-                       f"{MAX_RATIO}, ranked globally or per layer, the budget is still missed; lower "
-                       f"prune.target_*_reduction")
-    lo, hi = 0.0, MAX_RATIO  # invariant: ratio hi fits (best), lo does not or is 0
+    # the smallest ratio on a ladder that fits, then bisection below it. A ladder, not the largest ratio alone:
+    # the cut is not monotone at the top (in local mode a layer whose kept channels would round to 0 is skipped)
+    ladder = [MAX_RATIO * k / LADDER for k in range(1, LADDER + 1)]
+    found = next(((mode, i) for mode in (True, False) for i, r in enumerate(ladder)
+                  if pruned(r, mode)[1]), None)
+    if found is None:
+        raise LISError(f"tp_group_norm cannot reach the pruning budget: at no pruning ratio up to {MAX_RATIO}, "
+                       f"ranked globally or per layer, is it met; lower prune.target_*_reduction")
+    global_pruning, i = found
+    best = pruned(ladder[i], global_pruning)[0]
+    lo, hi = (ladder[i - 1] if i else 0.0), ladder[i]  # invariant: ratio hi fits (best), lo does not or is 0
     for _ in range(steps):
         mid = (lo + hi) / 2
         small, fits = pruned(mid, global_pruning)

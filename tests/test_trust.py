@@ -9,6 +9,7 @@ from torch import nn
 
 import test_admm as ta
 import test_meta as tm
+import lis.models
 from lis.admm import ADMMState
 from lis.baselines import tp_group_norm
 from lis.config import ConfigError, load_config
@@ -260,3 +261,30 @@ def test_tp_group_norm_ranks_per_layer_where_the_global_ranking_keeps_a_layer_wh
     small = tp_group_norm(model, example, {"macs": 0.8}, [], torch.device("cpu"), epochs=0, lr=0.01,
                           momentum=0.9, weight_decay=5e-4)
     assert 1 - count_macs(small, (1, 16)) / full >= 0.8 and small[3].out_channels < 16
+
+
+def test_tp_group_norm_finds_a_ratio_below_the_largest_where_the_largest_cuts_less():
+    """Bug (bench, 95% of MACs, seeds 7-9): Torch-Pruning's global cut is not monotone in its ratio near the
+    per-layer cap (a 1-D ResNet-20 with large stage-3 norms: ratio 0.8 cuts ~96% of the MACs, 0.95 only
+    ~89%), so checking the largest ratio alone refused a budget a smaller ratio meets."""
+    from lis.baselines import MAX_RATIO
+
+    torch.manual_seed(0)
+    model, example = lis.models.create("resnet20_1d", 10).eval(), torch.zeros(2, 1, 40)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv1d) and name.startswith("layer3"):
+                m.weight.mul_(10.0)
+    full = count_macs(model, (1, 40))
+
+    def cut(ratio):
+        small = copy.deepcopy(model)
+        tp.pruner.GroupNormPruner(small, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  global_pruning=True, pruning_ratio=ratio, max_pruning_ratio=MAX_RATIO,
+                                  iterative_steps=1, ignored_layers=[small.fc]).step()
+        return 1 - count_macs(small, (1, 40)) / full
+
+    assert cut(MAX_RATIO) < 0.95 < cut(0.8)  # the failure, by hand
+    small = tp_group_norm(model, example, {"macs": 0.95}, [], torch.device("cpu"), epochs=0, lr=0.01,
+                          momentum=0.9, weight_decay=5e-4)
+    assert 0.95 <= 1 - count_macs(small, (1, 40)) / full <= 0.96
