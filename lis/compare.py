@@ -78,8 +78,8 @@ def aggregate(rows: Sequence[Mapping]) -> list[dict]:
 
 
 def paired_difference(rows: Sequence[Mapping], a_label: str, b_label: str, metric: str = "student_acc") -> dict:
-    """Student accuracy (``metric``: a column, e.g. ``val_acc``) of ``a_label`` minus ``b_label``, paired by
-    seed over the seeds both have.
+    """The ``metric`` column (test accuracy by default; ``val_acc`` for choices) of ``a_label`` minus
+    ``b_label``, paired by seed over the seeds both have.
 
     Returns ``mean``, ``lo``, ``hi`` (the 95% confidence interval of the mean difference from the t
     distribution with n - 1 degrees of freedom) and ``n``; fractions, like the accuracies. With one
