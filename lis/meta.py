@@ -292,7 +292,8 @@ class MetaLearner:
                  signals: Signals, batches: Batches, meta_batch, device: Optional[torch.device] = None) -> dict:
         """One meta step (the dean's update every ``accumulate`` of them); returns what to log: ``meta_loss``,
         ``meta_ce`` and, with the hypergradient estimator, the hypergradients ``hg_alpha_out`` (dL_meta/da_out),
-        ``hg_alpha`` and ``hg_rho`` (per layer, dL_meta/da_l, dL_meta/dr_l)."""
+        ``hg_alpha`` and ``hg_rho`` (per layer, dL_meta/da_l, dL_meta/dr_l); ``meta_skipped`` when a non-finite
+        meta-gradient skipped the dean's update."""
         lr = opt.param_groups[0]["lr"]
         if device is not None:
             meta_batch = tuple(t.to(device) for t in meta_batch)
@@ -318,6 +319,7 @@ class MetaLearner:
                 torch.autograd.backward([o for o, _ in learned], [g for _, g in learned], inputs=params)
             hg = [g.detach().clone() for g in hg]
             dist.average_(hg)  # what the averaged dean update followed
+        skipped = False
         if self.opt is not None:
             self.pending += 1
             if self.pending == self.accumulate:
@@ -325,12 +327,17 @@ class MetaLearner:
                 for g in grads:
                     g.div_(self.accumulate)
                 dist.average_(grads)  # the same dean everywhere
-                self.opt.step()
+                # a non-finite meta-gradient (a NaN through a long unroll) skips the update, as AMP's GradScaler
+                # skips a step: the dean and its Adam state stay as they were, the record says so (one host sync
+                # per update; the same decision everywhere, the gradients being averaged)
+                skipped = not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else False
+                if not skipped:
+                    self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
                 self.pending = 0
         # one copy to the host; float64 keeps float32 values exact
         flat = torch.cat([t.detach().double().reshape(-1) for t in (loss, ce, *hg)]).tolist()
-        record = {"meta_loss": flat[0], "meta_ce": flat[1]}
+        record = {"meta_loss": flat[0], "meta_ce": flat[1], **({"meta_skipped": True} if skipped else {})}
         if hg:
             n = len(hg[1])
             record.update(hg_alpha_out=flat[2], hg_alpha=flat[3:3 + n], hg_rho=flat[3 + n:])

@@ -194,3 +194,33 @@ def test_the_meta_step_runs_under_bf16_autocast_close_to_float32(backend):
     assert torch.isfinite(g16).all() and not torch.equal(l16, l32)  # bf16 operators ran
     assert float(l16) == pytest.approx(float(l32), rel=0.05)
     assert float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)) > 0.9
+
+
+def test_a_non_finite_meta_gradient_skips_the_dean_update(monkeypatch):
+    """Bug (bench, meta.finetune_steps=2): one NaN hypergradient stepped Adam, the dean's parameters became
+    NaN before the iteration's checkpoint, and the run stopped with a 'last good' checkpoint holding the NaN
+    dean, so resuming failed again. Now the update is skipped (dean and Adam state unchanged) and logged;
+    the next finite meta step updates as usual."""
+    student, room, admm, dean, signals, batch, meta_batch = setup(dtype=torch.float32)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    learner = MetaLearner(dean, lr=1e-2, unroll=1, beta=1.0)
+    learner(student, opt, room, admm, signals, batch, meta_batch)  # Adam has state now
+    before = [p.detach().clone() for p in dean.parameters()]
+    before_opt = copy.deepcopy(learner.opt.state_dict())
+    objective = MetaLearner.objective
+
+    def poisoned(self, *args, **kwargs):
+        loss, ce = objective(self, *args, **kwargs)
+        return loss * float("nan"), ce
+
+    monkeypatch.setattr(MetaLearner, "objective", poisoned)
+    out = learner(student, opt, room, admm, signals, batch, meta_batch)
+    assert out["meta_skipped"] is True
+    assert all(torch.equal(a, b) for a, b in zip(before, dean.parameters()))
+    after_opt = learner.opt.state_dict()
+    for key, state in before_opt["state"].items():
+        assert all(torch.equal(v, after_opt["state"][key][k]) for k, v in state.items())
+    assert all(p.grad is None for p in dean.parameters())  # nothing carried into the next update
+    monkeypatch.setattr(MetaLearner, "objective", objective)
+    assert "meta_skipped" not in learner(student, opt, room, admm, signals, batch, meta_batch)
+    assert not all(torch.equal(a, b) for a, b in zip(before, dean.parameters()))
